@@ -1,0 +1,24 @@
+"""structprune: structured pruning of PyTorch models with one call.
+
+>>> import structprune as sp
+>>> small = sp.slim(model, example_input, ratio=0.5)
+"""
+from .api import SlimReport, slim, slim_with_report
+from .criteria import get_criterion, register_criterion
+from .errors import (ExampleInputError, InvalidModelError, InvalidRatioError, StructPruneError, TraceError,
+                     VerificationError)
+from .graph import DependencyGraph, Group
+from .metrics import count_macs, count_parameters, latency_ms
+from .plan import Plan, plan_uniform
+from .rules import rule
+from .shrink import updater
+from .verify import VerificationResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DependencyGraph", "ExampleInputError", "Group", "InvalidModelError", "InvalidRatioError", "Plan",
+    "SlimReport", "StructPruneError", "TraceError", "VerificationError", "VerificationResult", "count_macs",
+    "count_parameters", "get_criterion", "latency_ms", "plan_uniform", "register_criterion", "rule", "slim",
+    "slim_with_report", "updater",
+]

@@ -1,0 +1,260 @@
+"""Channel dependency graph: walk the captured graph with the op rules, then solve the couplings.
+
+Result: the *units* (sets of channels that must be removed together: one filter and every slice
+that follows it) and the *groups* (connected channel spaces; what criteria score and the planner
+cuts). ``DependencyGraph.graph`` is a networkx view of channel spaces and the ops that couple them.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import networkx as nx
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .errors import InvalidModelError
+from .rules import RuleContext, has_module_rule, lookup, op_name
+from .rules.context import unlabeled
+from .shapes import META_KEY, TensorMeta, propagate_shapes
+from .spaces import ChannelState, Label, Space, connected_components, has_labels
+from .trace import Inputs, Trace, capture, eval_mode
+
+
+@dataclass
+class Group:
+    """Channel spaces that must drop the same units.
+
+    ``unit_index[k]`` maps each position of ``spaces[k]`` to a unit (0..n_units-1). A unit is one
+    prunable structure (a filter together with everything coupled to it).
+    """
+
+    id: int
+    spaces: List[Space]
+    unit_index: List[np.ndarray]
+    n_units: int
+    frozen_units: np.ndarray  # bool per unit
+    frozen_reasons: List[str]
+    unit_roots: np.ndarray  # element id representing each unit
+    exact: bool  # every op touching these channels is per-channel: verification is exact
+    has_producer: bool
+
+    @property
+    def size(self) -> int:
+        return self.n_units
+
+    @property
+    def prunable(self) -> bool:
+        return self.has_producer and self.n_units >= 2 and not self.frozen_units.all()
+
+    @property
+    def frozen_reason(self) -> Optional[str]:
+        if self.prunable:
+            return None
+        if self.frozen_units.all() and self.frozen_reasons:
+            return self.frozen_reasons[0]
+        if not self.has_producer:
+            return "no convolution/linear output in this group (nothing originates these channels)"
+        if self.n_units < 2:
+            return "a single channel: at least one is always kept"
+        return "frozen"
+
+    @property
+    def members(self) -> List[tuple]:
+        """(tensor name, dim) of every parameter/buffer slice in the group."""
+        return [(s.tensor, s.dim) for s in self.spaces]
+
+    def __str__(self) -> str:
+        state = "prunable" if self.prunable else f"frozen ({self.frozen_reason})"
+        frozen = int(self.frozen_units.sum())
+        head = f"Group {self.id}: {self.n_units} units, {state}"
+        if self.prunable and frozen:
+            head += f", {frozen} units frozen"
+        lines = [head] + [f"  {s.tensor} dim {s.dim} ({s.size})" for s in self.spaces[:12]]
+        if len(self.spaces) > 12:
+            lines.append(f"  ... {len(self.spaces) - 12} more members")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _canonical_names(model: nn.Module) -> Dict[int, str]:
+    names: Dict[int, str] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), name)
+    return names
+
+
+class DependencyGraph:
+    """Coupled channel groups of ``model`` for ``example_input``.
+
+    >>> dg = DependencyGraph(model, torch.randn(1, 3, 224, 224))
+    >>> [g for g in dg.groups if g.prunable]
+    """
+
+    def __init__(self, model: nn.Module, example_input: Any):
+        if not isinstance(model, nn.Module):
+            raise InvalidModelError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        self.model = model
+        self.inputs = Inputs.from_example(example_input)
+        self.trace: Trace = capture(model, self.inputs, has_module_rule)
+        with eval_mode(model):
+            propagate_shapes(self.trace.gm, self.trace.run_args(self.inputs))
+        self.state = ChannelState()
+        self.labels: Dict[fx.Node, Label] = {}
+        self.unknown_ops: Counter = Counter()
+        self._walk()
+        self._solve()
+        self._graph: Optional[nx.Graph] = None
+
+    # ----- label propagation ---------------------------------------------------------------------------
+    def _walk(self) -> None:
+        gm, state = self.trace.gm, self.state
+        canonical = _canonical_names(self.model)
+        by_name = {name: canonical[id(t)] for name, t in list(self.model.named_parameters(remove_duplicate=False))
+                   + list(self.model.named_buffers(remove_duplicate=False))}
+        ctx = RuleContext(gm, self.model, state, self.labels, canonical)
+        for node in gm.graph.nodes:
+            meta = node.meta.get(META_KEY)
+            if node.op == "placeholder":
+                self.labels[node] = unlabeled(meta)
+            elif node.op == "get_attr":
+                self.labels[node] = self._attr_label(node, meta, by_name)
+            elif node.op == "output":
+                state.freeze_label(ctx.label(node.args[0]), "reaches a model output")
+            else:
+                self.labels[node] = self._apply_rule(ctx, node, meta)
+
+    def _attr_label(self, node: fx.Node, meta: Any, by_name: Dict[str, str]) -> Label:
+        name = by_name.get(node.target)
+        if name is None or not isinstance(meta, TensorMeta):
+            return unlabeled(meta)
+        return tuple(self.state.param_axis(name, d, s) if s > 1 else None for d, s in enumerate(meta.shape))
+
+    def _apply_rule(self, ctx: RuleContext, node: fx.Node, meta: Any) -> Label:
+        fn = lookup(node, self.trace.gm)
+        ctx.node, ctx.op = node, f"{op_name(node, self.trace.gm)} ({node.name})"
+        if fn is not None:
+            try:
+                label = fn(ctx, node)
+                if _matches(label, meta):
+                    return label
+                reason = "its rule returned a label of the wrong shape"
+            except Exception as error:  # a rule bug must never break the model: freeze instead
+                reason = f"its rule failed ({type(error).__name__}: {error})"
+        else:
+            reason = "no rule for this op"
+            if any(has_labels(ctx.label(a)) for a in ctx.tensor_inputs()):
+                self.unknown_ops[op_name(node, self.trace.gm)] += 1  # only ops that touch channels matter
+        ctx.freeze_inputs(reason)
+        return unlabeled(meta)
+
+    # ----- solving the couplings -------------------------------------------------------------------------
+    def _solve(self) -> None:
+        state = self.state
+        n = state.n_elements
+        a = np.concatenate([p[0] for p in state.pairs]) if state.pairs else np.empty(0, np.int64)
+        b = np.concatenate([p[1] for p in state.pairs]) if state.pairs else np.empty(0, np.int64)
+        self.unit_root = connected_components(n, a, b)
+        starts = np.array([s.start for s in state.spaces], dtype=np.int64)
+        sizes = np.array([s.size for s in state.spaces], dtype=np.int64)
+        # positions inside one space belong to one group: link each element to its space's first
+        first = np.repeat(starts, sizes)
+        group_root = connected_components(n, np.concatenate([self.unit_root, first]),
+                                          np.concatenate([np.arange(n), np.arange(n)]))
+        self.group_root = group_root
+
+        frozen = np.zeros(n, bool)
+        reasons: Dict[int, str] = {}
+        for arr, why in state.frozen:
+            roots = self.unit_root[arr]
+            frozen[roots] = True
+            for r in np.unique(roots[:64]):
+                reasons.setdefault(int(r), why)
+        self.frozen_unit_root = frozen  # indexed by unit root
+        inexact_groups = set()
+        for arr, _ in state.inexact:
+            inexact_groups.update(np.unique(group_root[arr]).tolist())
+        producer_groups = set()
+        for arr in state.producers:
+            producer_groups.update(np.unique(group_root[arr]).tolist())
+
+        by_group: Dict[int, List[Space]] = {}
+        for space in state.spaces:
+            by_group.setdefault(int(group_root[space.start]), []).append(space)
+        self.groups: List[Group] = []
+        for gid, (root, spaces) in enumerate(sorted(by_group.items(), key=lambda kv: kv[1][0].id)):
+            roots = [self.unit_root[s.start:s.start + s.size] for s in spaces]
+            units = np.unique(np.concatenate(roots))
+            index = [np.searchsorted(units, r) for r in roots]
+            unit_frozen = frozen[units]
+            group_reasons = [reasons[int(u)] for u in units[unit_frozen][:8] if int(u) in reasons]
+            self.groups.append(Group(gid, spaces, index, len(units), unit_frozen, group_reasons, units,
+                                     root not in inexact_groups, root in producer_groups))
+            for s in spaces:
+                s.group = gid
+
+    # ----- inspection -----------------------------------------------------------------------------------
+    @property
+    def prunable_groups(self) -> List[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    @property
+    def graph(self) -> nx.Graph:
+        """networkx graph: one node per channel space, one edge per coupling (attribute ``ops``)."""
+        if self._graph is None:
+            g = nx.Graph()
+            for s in self.state.spaces:
+                g.add_node(s.id, tensor=s.tensor, dim=s.dim, size=s.size, group=getattr(s, "group", None))
+            starts = np.array([s.start for s in self.state.spaces], dtype=np.int64)
+            for a, b, op in self.state.pairs:
+                sa = np.searchsorted(starts, a, side="right") - 1
+                sb = np.searchsorted(starts, b, side="right") - 1
+                for u, v in set(zip(sa.tolist(), sb.tolist())):
+                    if u != v:
+                        if g.has_edge(u, v):
+                            g.edges[u, v]["ops"].add(op)
+                        else:
+                            g.add_edge(u, v, ops={op})
+            self._graph = g
+        return self._graph
+
+    def label_of(self, node: fx.Node) -> Label:
+        return self.labels.get(node)
+
+    def summary(self) -> str:
+        prunable = self.prunable_groups
+        lines = [f"{len(self.groups)} groups, {len(prunable)} prunable, traced with {self.trace.tracer}"]
+        if self.unknown_ops:
+            ops = ", ".join(f"{k} x{v}" for k, v in self.unknown_ops.most_common())
+            lines.append(f"ops without a rule (their channels are kept whole): {ops}")
+        return "\n".join(lines)
+
+
+def _has_tensor(meta: Any) -> bool:
+    if isinstance(meta, TensorMeta):
+        return True
+    if isinstance(meta, (list, tuple)):
+        return any(_has_tensor(m) for m in meta)
+    if isinstance(meta, dict):
+        return any(_has_tensor(m) for m in meta.values())
+    return False
+
+
+def _matches(label: Label, meta: Any) -> bool:
+    """Does a rule's label have the structure of the node's value?"""
+    if isinstance(meta, TensorMeta):
+        return isinstance(label, tuple) and len(label) == meta.ndim and all(
+            ax is None or (isinstance(ax, np.ndarray) and ax.shape == (meta.shape[k],))
+            for k, ax in enumerate(label))
+    if isinstance(meta, (list, tuple)) and not isinstance(meta, torch.Size):
+        items = list(meta)
+        return label is None and not _has_tensor(meta) or (
+            isinstance(label, list) and len(label) == len(items) and all(_matches(l, m) for l, m in zip(label, items)))
+    if isinstance(meta, dict):
+        return isinstance(label, list) and len(label) == len(meta) and all(
+            _matches(l, m) for l, m in zip(label, meta.values()))
+    return label is None

@@ -1,0 +1,64 @@
+"""Planning: which units every group drops, given a ratio and an importance criterion."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict
+
+import numpy as np
+from torch import nn
+
+from .criteria import Criterion
+from .graph import DependencyGraph, Group
+
+
+@dataclass
+class Plan:
+    """Dropped unit indices per group id, and the resulting per-element drop mask."""
+
+    drops: Dict[int, np.ndarray] = field(default_factory=dict)
+
+    def element_mask(self, dg: DependencyGraph) -> np.ndarray:
+        """Boolean per channel element: True where the element is removed."""
+        dropped_root = np.zeros(dg.state.n_elements, bool)
+        for gid, units in self.drops.items():
+            dropped_root[dg.groups[gid].unit_roots[units]] = True
+        return dropped_root[dg.unit_root]
+
+    @property
+    def n_dropped(self) -> int:
+        return int(sum(len(u) for u in self.drops.values()))
+
+
+def _keep_every_space_alive(group: Group, drop: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Un-drop the best unit of any member space that would otherwise lose every channel."""
+    dropped = np.zeros(group.n_units, bool)
+    dropped[drop] = True
+    for index in group.unit_index:
+        if dropped[index].all():
+            present = np.unique(index)
+            dropped[present[np.argmax(scores[present])]] = False
+    return np.flatnonzero(dropped)
+
+
+def plan_uniform(dg: DependencyGraph, model: nn.Module, ratio: float, criterion: Criterion) -> Plan:
+    """Drop ``floor(ratio * prunable units)`` of the lowest-scoring units of every group (local scope).
+
+    Frozen units (coupled to a model output, an unknown op, a constant shape) are kept and do not
+    count towards the ratio, so every layer that can shrink shrinks by ``ratio``.
+    """
+    plan = Plan()
+    for group in dg.prunable_groups:
+        candidates = np.flatnonzero(~group.frozen_units)
+        n_drop = min(math.floor(ratio * len(candidates) + 1e-9), group.n_units - 1)
+        if n_drop <= 0:
+            continue
+        scores = np.asarray(criterion(group, model), dtype=np.float64)
+        if scores.shape != (group.n_units,):
+            raise ValueError(f"criterion returned shape {scores.shape} for group {group.id} with "
+                             f"{group.n_units} units")
+        order = candidates[np.argsort(scores[candidates], kind="stable")]
+        drop = _keep_every_space_alive(group, order[:n_drop], scores)
+        if drop.size:
+            plan.drops[group.id] = drop
+    return plan

@@ -1,0 +1,155 @@
+"""Per-channel ops: activations, dropout, arithmetic with broadcasting, softmax, reductions."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..shapes import TensorMeta
+from .context import RuleContext, norm_dim
+from .registry import rule
+
+# ---- unary ops: every output element depends on the same input element ------------------------------
+_UNARY_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Tanhshrink, nn.Threshold,
+    nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.RReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)
+_UNARY_FUNCTIONS = (
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.sigmoid, F.tanh, F.softplus, F.softsign, F.hardtanh, F.tanhshrink, F.threshold,
+    F.logsigmoid, F.hardshrink, F.softshrink, F.rrelu, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.alpha_dropout, F.feature_alpha_dropout,
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.abs, torch.neg, torch.sqrt, torch.rsqrt,
+    torch.sin, torch.cos, torch.erf, torch.clamp, torch.clip, torch.square, torch.reciprocal, torch.sign,
+    torch.nn.functional.dropout, torch.dropout, torch.clone, torch.detach, torch.nan_to_num, torch.log1p,
+    torch.expm1, torch.floor, torch.ceil, torch.round, torch.trunc,
+    operator.neg, operator.pos, operator.abs, operator.invert,
+)
+_UNARY_NAMES = (
+    "relu", "sigmoid", "tanh", "exp", "log", "abs", "neg", "sqrt", "rsqrt", "sin", "cos", "erf", "clamp", "clip",
+    "square", "reciprocal", "sign", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16",
+    "to", "type", "type_as", "cpu", "cuda", "requires_grad", "nan_to_num", "log1p", "expm1", "floor", "ceil",
+    "round", "trunc", "sigmoid", "hardtanh", "gelu", "silu", "hardswish", "hardsigmoid", "relu6", "leaky_relu",
+    "elu", "mish", "softplus", "clamp_min", "clamp_max", "dropout", "native_dropout", "alias", "lift_fresh_copy",
+    "_to_copy", "copy", "hardtanh", "exp2", "pow_scalar",
+)
+
+
+@rule(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *("." + n for n in _UNARY_NAMES), *("aten." + n for n in _UNARY_NAMES))
+def unary(ctx: RuleContext, node):
+    x = ctx.arg(0)
+    out = ctx.out
+    if not isinstance(out, (TensorMeta, tuple, list)):
+        return None
+    label = ctx.tlabel(x)
+    if isinstance(out, (tuple, list)):  # e.g. aten.native_dropout -> (output, mask)
+        return [label if isinstance(m, TensorMeta) and m.shape == ctx.meta(x).shape else None for m in out]
+    if out.shape != ctx.meta(x).shape:
+        ctx.freeze(label, "unary op changed the shape")
+        return ctx.unlabeled_output()
+    return label
+
+
+# ---- n-ary arithmetic with broadcasting ----------------------------------------------------------------
+_BINARY = (
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow, operator.mod,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.and_, operator.or_,
+    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide, torch.true_divide,
+    torch.pow, torch.maximum, torch.minimum, torch.where, torch.lerp, torch.addcmul, torch.addcdiv,
+    torch.fmod, torch.remainder, torch.atan2, torch.hypot, torch.masked_fill,
+)
+_BINARY_NAMES = ("add", "sub", "rsub", "mul", "div", "true_divide", "pow", "maximum", "minimum", "where", "lerp",
+                 "addcmul", "addcdiv", "fmod", "remainder", "masked_fill", "expand_as_mul", "eq", "ne", "lt",
+                 "le", "gt", "ge", "logical_and", "logical_or", "bitwise_and", "bitwise_or")
+
+
+@rule(*_BINARY, *("." + n for n in _BINARY_NAMES), *("aten." + n for n in _BINARY_NAMES))
+def broadcast_elementwise(ctx: RuleContext, node):
+    """Inputs are aligned from the right; axes of equal size are unified, size-1 axes broadcast."""
+    out = ctx.out
+    if not isinstance(out, TensorMeta):  # arithmetic on sizes and other Python numbers
+        if any(ctx.is_tensor(a) for a in ctx.tensor_inputs()):
+            ctx.freeze_inputs("elementwise op with a non-tensor result")
+        return None
+    tensors = [a for a in ctx.tensor_inputs() if ctx.is_tensor(a)]
+    result = []
+    for i, size in enumerate(out.shape):
+        axes = []
+        for t in tensors:
+            meta, label = ctx.meta(t), ctx.tlabel(t)
+            j = i - (out.ndim - meta.ndim)
+            if j < 0:
+                continue
+            if meta.shape[j] == size:
+                axes.append(label[j])
+            elif label[j] is not None:
+                ctx.freeze(label[j], "a channel axis broadcast against a larger axis")
+        result.append(ctx.unify_all(axes, size) if size > 1 or any(a is not None for a in axes) else None)
+    return tuple(result)
+
+
+# ---- ops that mix values along one axis -------------------------------------------------------------
+@rule(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax,
+      ".softmax", ".log_softmax", "aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax",
+      nn.GLU, F.glu, "aten.glu", ".glu")
+def along_axis(ctx: RuleContext, node):
+    x = ctx.arg(0)
+    label = list(ctx.tlabel(x))
+    meta = ctx.meta(x)
+    dim = ctx.module.dim if node.op == "call_module" else ctx.arg(1, "dim")
+    if dim is None:
+        dim = -1 if node.op != "call_module" else 1
+    dim = norm_dim(dim, meta.ndim)
+    if label[dim] is None:
+        return tuple(label)
+    is_glu = (node.op == "call_module" and isinstance(ctx.module, nn.GLU)) or "glu" in str(node.target)
+    if is_glu:  # out = a * sigmoid(b) with (a, b) = x.chunk(2, dim): the halves are pruned together
+        half = meta.shape[dim] // 2
+        ctx.unify(label[dim][:half], label[dim][half:], half)
+        label[dim] = label[dim][:half]
+        return tuple(label)
+    ctx.state.mark_inexact(label[dim], "softmax normalises across the pruned channels")
+    return tuple(label)
+
+
+# ---- reductions --------------------------------------------------------------------------------------
+_REDUCTIONS = (torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
+               torch.prod, torch.max, torch.min, torch.norm, torch.nansum, torch.nanmean, torch.argmax, torch.argmin)
+_REDUCTION_NAMES = ("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod", "max", "min", "norm",
+                    "nansum", "nanmean", "argmax", "argmin")
+
+
+@rule(*_REDUCTIONS, *("." + n for n in _REDUCTION_NAMES), *("aten." + n for n in _REDUCTION_NAMES))
+def reduction(ctx: RuleContext, node):
+    x = ctx.arg(0)
+    meta = ctx.meta(x)
+    if not isinstance(meta, TensorMeta):
+        return ctx.unlabeled_output()
+    label = ctx.tlabel(x)
+    other_tensors = [a for a in ctx.tensor_inputs()[1:] if ctx.is_tensor(a)]
+    if other_tensors:  # torch.max(a, b) is elementwise
+        return broadcast_elementwise(ctx, node)
+    dim = ctx.arg(1, "dim")
+    if dim is None and "dim" not in node.kwargs and len(node.args) < 2:
+        dims = list(range(meta.ndim))
+    else:
+        dims = list(dim) if isinstance(dim, (list, tuple)) else [dim]
+    if not all(isinstance(d, int) for d in dims):
+        ctx.freeze(label, "reduction over non-constant dims")
+        return ctx.unlabeled_output()
+    dims = {norm_dim(d, meta.ndim) for d in dims}
+    keepdim = bool(ctx.arg(2, "keepdim", False))
+    for d in dims:
+        ctx.freeze(label[d], "reduction across channels")
+    kept = tuple(None if d in dims else label[d] for d in range(meta.ndim) if keepdim or d not in dims)
+    out = ctx.out
+    if isinstance(out, (tuple, list)):  # max/min with dim -> (values, indices)
+        return [kept if isinstance(o, TensorMeta) and o.ndim == len(kept) else None for o in out]
+    if not isinstance(out, TensorMeta) or out.ndim != len(kept):
+        ctx.freeze(label, "reduction with an unexpected result")
+        return ctx.unlabeled_output()
+    return kept

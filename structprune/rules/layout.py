@@ -1,0 +1,517 @@
+"""Layout ops: they move, merge, split, select or copy channel labels without mixing values.
+
+Shape arguments that are literal integers are constants baked into the model's code: a channel axis
+whose size such a constant fixes cannot shrink, so its channels are frozen. Sizes computed at run
+time (``x.size(0)``, ``-1``) follow the pruned tensor and are fine.
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..shapes import TensorMeta
+from ..spaces import AxisLabel
+from .context import RuleContext, norm_dim, unlabeled
+from .registry import rule
+
+
+# ---- reshape family --------------------------------------------------------------------------------------
+def _axis_groups(in_shape: Sequence[int], out_shape: Sequence[int]):
+    """Pair runs of input axes with runs of output axes of equal product (sizes > 1 only)."""
+    a = [i for i, s in enumerate(in_shape) if s != 1]
+    b = [j for j, s in enumerate(out_shape) if s != 1]
+    groups, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        gi, gj = [a[i]], [b[j]]
+        pi, pj = in_shape[a[i]], out_shape[b[j]]
+        while pi != pj:
+            if pi < pj:
+                i += 1
+                if i >= len(a):
+                    return None
+                gi.append(a[i])
+                pi *= in_shape[a[i]]
+            else:
+                j += 1
+                if j >= len(b):
+                    return None
+                gj.append(b[j])
+                pj *= out_shape[b[j]]
+        groups.append((gi, gj))
+        i += 1
+        j += 1
+    if i != len(a) or j != len(b):
+        return None
+    return groups
+
+
+def reshape_label(ctx: RuleContext, x, out_shape: Sequence[int], literal: Optional[Sequence[bool]] = None):
+    """Labels after reshaping ``x`` to ``out_shape``; ``literal[j]`` says output size j is a baked constant."""
+    meta, label = ctx.meta(x), ctx.tlabel(x)
+    in_shape = meta.shape
+    out: List[AxisLabel] = [None] * len(out_shape)
+    for k, s in enumerate(in_shape):
+        if s == 1 and label[k] is not None:
+            ctx.freeze(label[k], "reshape drops a labelled size-1 axis")
+    groups = _axis_groups(in_shape, out_shape)
+    if groups is None:
+        ctx.freeze(label, "reshape with an unrecognised axis mapping")
+        return (None,) * len(out_shape)
+    for gi, gj in groups:
+        labelled = [k for k in gi if label[k] is not None]
+        if not labelled:
+            continue
+        if len(gj) == 1 and len(labelled) == 1:
+            k = labelled[0]
+            block = [in_shape[m] for m in gi]
+            shape = [1] * len(gi)
+            shape[gi.index(k)] = in_shape[k]
+            out[gj[0]] = np.broadcast_to(label[k].reshape(shape), block).ravel()
+        else:
+            for k in labelled:
+                ctx.freeze(label[k], "reshape splits or merges several channel axes")
+    if literal is not None:
+        for j, axis in enumerate(out):
+            if axis is not None and literal[j]:
+                ctx.freeze(axis, "a channel axis sized by a constant in the model code")
+                out[j] = None
+    return tuple(out)
+
+
+def _shape_args(ctx: RuleContext, node: fx.Node, first: int):
+    """The target shape's entries, flattening ``view(a, b)`` and ``view((a, b))`` alike."""
+    args = list(node.args[first:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        args = list(args[0])
+    return args
+
+
+def _is_literal_size(entry) -> bool:
+    return isinstance(entry, int) and entry != -1
+
+
+def size_source(ctx: RuleContext, entry):
+    """``(tensor node, axis)`` whose run-time size ``entry`` reads (``x.size(1)``, ``x.shape[1]``), else None."""
+    if not isinstance(entry, fx.Node):
+        return None
+    if entry.op == "call_method" and entry.target == "size" and len(entry.args) == 2:
+        tensor, axis = entry.args
+        return (tensor, axis) if isinstance(axis, int) else None
+    if entry.op == "call_function" and str(entry.target).startswith("aten.sym_size"):
+        return entry.args[0], entry.args[1]
+    if entry.op == "call_function" and entry.target is operator.getitem and isinstance(entry.args[1], int):
+        whole = entry.args[0]
+        if isinstance(whole, fx.Node) and (
+                (whole.op == "call_function" and whole.target is builtins.getattr and whole.args[1] == "shape")
+                or (whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1)):
+            return whole.args[0], entry.args[1]
+    return None
+
+
+def bind_sizes(ctx: RuleContext, out: Sequence[AxisLabel], out_shape: Sequence[int], entries: Sequence) -> tuple:
+    """Reconcile the output labels with the size arguments that produced them.
+
+    A literal size pins its axis (frozen). A size read from another tensor's axis must shrink with
+    that axis, so the two are unified. ``-1`` adapts. Any other computed size pins its axis.
+    """
+    out = list(out)
+    for j, entry in enumerate(entries):
+        if entry == -1 and not isinstance(entry, fx.Node):
+            continue
+        source = size_source(ctx, entry)
+        if source is not None:
+            tensor, axis = source
+            src_label = ctx.tlabel(tensor)
+            src_axis = src_label[norm_dim(axis, len(src_label))] if src_label else None
+            if src_axis is not None or out[j] is not None:
+                ctx.unify(out[j], src_axis, out_shape[j])
+        elif out[j] is not None and (_is_literal_size(entry) or isinstance(entry, fx.Node)):
+            ctx.freeze(out[j], "a channel axis sized by a constant in the model code")
+            out[j] = None
+    return tuple(out)
+
+
+@rule(".view", ".reshape", torch.reshape, "aten.view", "aten.reshape", "aten._unsafe_view")
+def view(ctx: RuleContext, node):
+    out = ctx.out
+    entries = _shape_args(ctx, node, 1)
+    if entries and isinstance(entries[0], torch.dtype):  # view(dtype)
+        ctx.freeze_inputs("view as another dtype")
+        return ctx.unlabeled_output()
+    if len(entries) == 1 and isinstance(entries[0], fx.Node) and not ctx.is_tensor(entries[0]):
+        whole = entries[0]  # view(x.size()) or view(shape_node): each axis j reads whole[j]
+        if isinstance(ctx.meta(whole), (tuple, list, torch.Size)) and _reads_shape_of(whole):
+            tensor = whole.args[0]
+            labels = reshape_label(ctx, ctx.arg(0), out.shape)
+            src = ctx.tlabel(tensor)
+            for j, axis in enumerate(labels):
+                if j < len(src) and (axis is not None or src[j] is not None):
+                    ctx.unify(axis, src[j], out.shape[j])
+            return labels
+        entries = [whole] * out.ndim
+    if len(entries) != out.ndim:
+        labels = reshape_label(ctx, ctx.arg(0), out.shape)
+        ctx.freeze(labels, "reshape with an unrecognised size argument")
+        return ctx.unlabeled_output()
+    return bind_sizes(ctx, reshape_label(ctx, ctx.arg(0), out.shape), out.shape, entries)
+
+
+def _reads_shape_of(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is builtins.getattr and node.args[1] == "shape") or \
+        (node.op == "call_method" and node.target == "size" and len(node.args) == 1)
+
+
+@rule(torch.flatten, ".flatten", "aten.flatten", nn.Flatten, ".unflatten", torch.unflatten, nn.Unflatten,
+      "aten.unflatten")
+def flatten(ctx: RuleContext, node):
+    """Flatten: each channel expands into its block of trailing positions (flatten -> linear)."""
+    return reshape_label(ctx, ctx.arg(0), ctx.out.shape)
+
+
+@rule(".squeeze", torch.squeeze, "aten.squeeze", ".unsqueeze", torch.unsqueeze, "aten.unsqueeze")
+def squeeze(ctx: RuleContext, node):
+    return reshape_label(ctx, ctx.arg(0), ctx.out.shape)
+
+
+# ---- axis permutations ------------------------------------------------------------------------------------
+@rule(".permute", torch.permute, "aten.permute")
+def permute(ctx: RuleContext, node):
+    label = ctx.tlabel(ctx.arg(0))
+    dims = _shape_args(ctx, node, 1) if node.op == "call_method" else list(ctx.arg(1, "dims"))
+    return tuple(label[norm_dim(d, len(label))] for d in dims)
+
+
+@rule(".transpose", torch.transpose, "aten.transpose", ".swapaxes", torch.swapaxes, ".swapdims", torch.swapdims)
+def transpose(ctx: RuleContext, node):
+    label = list(ctx.tlabel(ctx.arg(0)))
+    a, b = norm_dim(ctx.arg(1, "dim0"), len(label)), norm_dim(ctx.arg(2, "dim1"), len(label))
+    label[a], label[b] = label[b], label[a]
+    return tuple(label)
+
+
+@rule(".t", torch.t, "aten.t")
+def matrix_transpose(ctx: RuleContext, node):
+    return tuple(reversed(ctx.tlabel(ctx.arg(0))))
+
+
+@rule(".movedim", torch.movedim, ".moveaxis", torch.moveaxis)
+def movedim(ctx: RuleContext, node):
+    label = ctx.tlabel(ctx.arg(0))
+    src, dst = ctx.arg(1, "source"), ctx.arg(2, "destination")
+    src = [src] if isinstance(src, int) else list(src)
+    dst = [dst] if isinstance(dst, int) else list(dst)
+    src = [norm_dim(s, len(label)) for s in src]
+    dst = [norm_dim(d, len(label)) for d in dst]
+    rest = [k for k in range(len(label)) if k not in src]
+    result: List[AxisLabel] = [None] * len(label)
+    for s, d in zip(src, dst):
+        result[d] = label[s]
+    free = iter(rest)
+    for k in range(len(label)):
+        if k not in dst:
+            result[k] = label[next(free)]
+    return tuple(result)
+
+
+# ---- joining and splitting -----------------------------------------------------------------------------
+def _as_array(axis: AxisLabel, size: int) -> np.ndarray:
+    return np.full(size, -1, np.int64) if axis is None else axis
+
+
+@rule(torch.cat, torch.concat, torch.concatenate, "aten.cat", "aten.concat")
+def cat(ctx: RuleContext, node):
+    tensors = [t for t in ctx.arg(0, "tensors") if ctx.is_tensor(t)]
+    dim = norm_dim(ctx.arg(1, "dim", 0), ctx.out.ndim)
+    labels = [ctx.tlabel(t) for t in tensors]
+    metas = [ctx.meta(t) for t in tensors]
+    out: List[AxisLabel] = []
+    for k in range(ctx.out.ndim):
+        if k == dim:
+            parts = [_as_array(lab[k], m.shape[k]) for lab, m in zip(labels, metas)]
+            merged = np.concatenate(parts) if parts else None
+            out.append(merged if merged is not None and (merged >= 0).any() else None)
+        else:
+            out.append(ctx.unify_all([lab[k] for lab in labels], ctx.out.shape[k]))
+    return tuple(out)
+
+
+@rule(torch.stack, "aten.stack")
+def stack(ctx: RuleContext, node):
+    tensors = [t for t in ctx.arg(0, "tensors") if ctx.is_tensor(t)]
+    dim = norm_dim(ctx.arg(1, "dim", 0), ctx.out.ndim)
+    labels = [ctx.tlabel(t) for t in tensors]
+    base = [ctx.unify_all([lab[k] for lab in labels], ctx.meta(tensors[0]).shape[k]) for k in range(len(labels[0]))]
+    return tuple(base[:dim]) + (None,) + tuple(base[dim:])
+
+
+def _pieces(ctx: RuleContext, x, dim: int, sizes: Sequence[int], dynamic: bool):
+    """Labels of the pieces of ``x`` cut along ``dim``.
+
+    Along a channel axis only equal pieces whose count (not size) is fixed stay prunable: their
+    channels are tied position by position so every piece shrinks identically.
+    """
+    label = ctx.tlabel(x)
+    axis = label[dim]
+    results = []
+    if axis is not None:
+        if dynamic and len(set(sizes)) == 1 and len(sizes) > 1:
+            pieces = axis.reshape(len(sizes), -1)
+            for p in pieces[1:]:
+                ctx.unify(pieces[0], p, len(p))
+        elif len(sizes) > 1:
+            ctx.freeze(axis, "split of a channel axis into constant-size pieces")
+    start = 0
+    for size in sizes:
+        piece = list(label)
+        piece[dim] = None if axis is None else axis[start:start + size]
+        results.append(tuple(piece))
+        start += size
+    return results
+
+
+def _piece_sizes(ctx: RuleContext) -> list:
+    return [m.shape for m in ctx.out]
+
+
+@rule(torch.chunk, ".chunk", "aten.chunk", torch.tensor_split, ".tensor_split")
+def chunk(ctx: RuleContext, node):
+    x = ctx.arg(0)
+    dim = norm_dim(ctx.arg(2, "dim", 0), ctx.meta(x).ndim)
+    sizes = [m.shape[dim] for m in ctx.out]
+    return _pieces(ctx, x, dim, sizes, dynamic=node.target in (torch.chunk, "chunk") or "chunk" in str(node.target))
+
+
+@rule(torch.split, ".split", "aten.split", "aten.split_with_sizes")
+def split(ctx: RuleContext, node):
+    x = ctx.arg(0)
+    dim = norm_dim(ctx.arg(2, "dim", 0), ctx.meta(x).ndim)
+    sizes = [m.shape[dim] for m in ctx.out]
+    return _pieces(ctx, x, dim, sizes, dynamic=False)
+
+
+@rule(torch.unbind, ".unbind", "aten.unbind")
+def unbind(ctx: RuleContext, node):
+    x = ctx.arg(0)
+    label = ctx.tlabel(x)
+    dim = norm_dim(ctx.arg(1, "dim", 0), len(label))
+    ctx.freeze(label[dim], "unbind along a channel axis")
+    rest = tuple(a for k, a in enumerate(label) if k != dim)
+    return [rest for _ in ctx.out]
+
+
+# ---- indexing ----------------------------------------------------------------------------------------------
+@rule(operator.getitem)
+def getitem(ctx: RuleContext, node):
+    container, index = ctx.arg(0), ctx.arg(1)
+    meta = ctx.meta(container)
+    label = ctx.label(container)
+    if isinstance(meta, dict):
+        keys = list(meta)
+        return label[keys.index(index)] if isinstance(label, list) and index in keys else ctx.unlabeled_output()
+    if isinstance(meta, (tuple, list)) and not isinstance(meta, torch.Size):
+        if not isinstance(label, list):
+            return ctx.unlabeled_output()
+        picked = label[index]
+        return picked if isinstance(index, int) else list(picked)
+    if not isinstance(meta, TensorMeta):
+        return None  # indexing a shape or another Python value
+    return _index_tensor(ctx, container, index)
+
+
+def _index_tensor(ctx: RuleContext, x, index):
+    label = list(ctx.tlabel(x))
+    meta = ctx.meta(x)
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(i, (fx.Node, list, torch.Tensor)) and not isinstance(ctx.meta(i), int) for i in items):
+        ctx.freeze(tuple(label), "advanced (tensor) indexing")
+        return ctx.unlabeled_output()
+    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+    out: List[AxisLabel] = []
+    k = 0
+    for item in items:
+        if item is Ellipsis:
+            for _ in range(meta.ndim - n_real):
+                out.append(label[k])
+                k += 1
+        elif item is None:
+            out.append(None)
+        elif isinstance(item, slice):
+            full = item.start in (None, 0) and item.stop is None and item.step in (None, 1)
+            if label[k] is not None and not full:
+                ctx.freeze(label[k], "slicing a channel axis with constant bounds")
+                out.append(None)
+            else:
+                out.append(label[k])
+            k += 1
+        else:  # an integer (literal or computed): the axis disappears
+            if label[k] is not None:
+                ctx.freeze(label[k], "integer indexing of a channel axis")
+            k += 1
+    out.extend(label[k:])
+    if len(out) != ctx.out.ndim:
+        ctx.freeze(tuple(label), "indexing with an unrecognised pattern")
+        return ctx.unlabeled_output()
+    return tuple(out)
+
+
+@rule("aten.slice")
+def aten_slice(ctx: RuleContext, node):  # aten.slice(x, dim, start, end, step)
+    x = ctx.arg(0)
+    label = list(ctx.tlabel(x))
+    dim = norm_dim(ctx.arg(1, "dim", 0), len(label))
+    if label[dim] is not None and ctx.out.shape[dim] != ctx.meta(x).shape[dim]:
+        ctx.freeze(label[dim], "slicing a channel axis with constant bounds")
+        label[dim] = None
+    return tuple(label)
+
+
+# ---- broadcasting copies -------------------------------------------------------------------------------
+@rule(".expand", "aten.expand", ".broadcast_to", torch.broadcast_to)
+def expand(ctx: RuleContext, node):
+    x = ctx.arg(0)
+    label, out = ctx.tlabel(x), ctx.out
+    lead = out.ndim - len(label)
+    result: List[AxisLabel] = [None] * lead
+    for k, axis in enumerate(label):
+        result.append(axis if out.shape[k + lead] == ctx.meta(x).shape[k] else None)
+    entries = _shape_args(ctx, node, 1)
+    if len(entries) != out.ndim:
+        ctx.freeze(label, "expand with an unrecognised size argument")
+        return ctx.unlabeled_output()
+    return bind_sizes(ctx, result, out.shape, entries)
+
+
+@rule(".expand_as")
+def expand_as(ctx: RuleContext, node):
+    x, other = ctx.arg(0), ctx.arg(1)
+    label, target = ctx.tlabel(x), ctx.tlabel(other)
+    lead = len(target) - len(label)
+    result = list(target)
+    for k, axis in enumerate(label):
+        if ctx.meta(x).shape[k] == ctx.out.shape[k + lead]:
+            result[k + lead] = ctx.unify_all([axis, target[k + lead]], ctx.out.shape[k + lead])
+    return tuple(result)
+
+
+@rule(".repeat", "aten.repeat", torch.tile, ".tile")
+def repeat(ctx: RuleContext, node):
+    x = ctx.arg(0)
+    label = ctx.tlabel(x)
+    out = ctx.out
+    lead = out.ndim - len(label)
+    result: List[AxisLabel] = [None] * lead
+    for k, axis in enumerate(label):
+        times = out.shape[k + lead] // max(ctx.meta(x).shape[k], 1)
+        result.append(None if axis is None else np.tile(axis, times))
+    return tuple(result)
+
+
+@rule(".repeat_interleave", torch.repeat_interleave, "aten.repeat_interleave")
+def repeat_interleave(ctx: RuleContext, node):
+    x = ctx.arg(0)
+    label = list(ctx.tlabel(x))
+    repeats, dim = ctx.arg(1, "repeats"), ctx.arg(2, "dim")
+    if not isinstance(repeats, int) or dim is None:
+        ctx.freeze(tuple(label), "repeat_interleave without a constant repeat count and dim")
+        return ctx.unlabeled_output()
+    dim = norm_dim(dim, len(label))
+    if label[dim] is not None:
+        label[dim] = np.repeat(label[dim], repeats)
+    return tuple(label)
+
+
+# ---- spatial ops: pooling, resizing, padding ----------------------------------------------------------------
+def spatial(ctx: RuleContext, x, n_spatial: int):
+    """An op that only works on the last ``n_spatial`` axes: other labels pass through."""
+    label = list(ctx.tlabel(x))
+    out = ctx.out
+    if isinstance(out, (tuple, list)):  # pooling with return_indices
+        out = out[0]
+    if len(label) != out.ndim:
+        ctx.freeze(tuple(label), "spatial op changed the rank")
+        return ctx.unlabeled_output()
+    for k in range(len(label) - n_spatial, len(label)):
+        if label[k] is not None:
+            ctx.freeze(label[k], "spatial op over a channel axis")
+            label[k] = None
+    for k in range(len(label) - n_spatial):
+        if label[k] is not None and out.shape[k] != ctx.meta(x).shape[k]:
+            ctx.freeze(label[k], "spatial op changed a channel axis")
+            label[k] = None
+    result = tuple(label)
+    return [result, None] if isinstance(ctx.out, (tuple, list)) else result
+
+
+_POOL_MODULES = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3, nn.LPPool1d: 1, nn.LPPool2d: 2, nn.FractionalMaxPool2d: 2,
+    nn.ZeroPad1d: 1, nn.ZeroPad2d: 2, nn.ZeroPad3d: 3, nn.ConstantPad1d: 1, nn.ConstantPad2d: 2,
+    nn.ConstantPad3d: 3, nn.ReflectionPad1d: 1, nn.ReflectionPad2d: 2, nn.ReflectionPad3d: 3,
+    nn.ReplicationPad1d: 1, nn.ReplicationPad2d: 2, nn.ReplicationPad3d: 3, nn.CircularPad1d: 1,
+    nn.CircularPad2d: 2, nn.CircularPad3d: 3,
+}
+_POOL_FUNCTIONS = {
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
+    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1,
+    F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3, F.lp_pool1d: 1, F.lp_pool2d: 2,
+    torch.max_pool1d: 1, torch.max_pool2d: 2, torch.avg_pool1d: 1, torch.adaptive_avg_pool1d: 1,
+    "aten.max_pool1d": 1, "aten.max_pool2d": 2, "aten.max_pool3d": 3, "aten.avg_pool1d": 1,
+    "aten.avg_pool2d": 2, "aten.avg_pool3d": 3, "aten.adaptive_avg_pool1d": 1, "aten.adaptive_avg_pool2d": 2,
+    "aten.adaptive_avg_pool3d": 3, "aten.max_pool2d_with_indices": 2, "aten.max_pool3d_with_indices": 3,
+    "aten.adaptive_max_pool2d": 2, "aten.adaptive_max_pool1d": 1, "aten._adaptive_avg_pool2d": 2,
+}
+
+
+@rule(*_POOL_MODULES)
+def pool_module(ctx: RuleContext, node):
+    m = ctx.module
+    n = next(s for cls, s in _POOL_MODULES.items() if isinstance(m, cls))
+    return spatial(ctx, ctx.arg(0, "input"), n)
+
+
+def _fixed_spatial(n: int):
+    return lambda ctx, node: spatial(ctx, ctx.arg(0, "input"), n)
+
+
+for _target, _n in _POOL_FUNCTIONS.items():
+    rule(_target)(_fixed_spatial(_n))
+
+
+@rule(F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear, nn.Upsample, nn.UpsamplingNearest2d,
+      nn.UpsamplingBilinear2d, "aten.upsample_nearest1d", "aten.upsample_nearest2d", "aten.upsample_nearest3d",
+      "aten.upsample_bilinear2d", "aten.upsample_bicubic2d", "aten.upsample_linear1d", "aten.upsample_trilinear3d")
+def resize(ctx: RuleContext, node):
+    x = ctx.arg(0, "input")
+    return spatial(ctx, x, max(ctx.meta(x).ndim - 2, 1))
+
+
+@rule(F.pad, "aten.pad", "aten.constant_pad_nd", "aten.reflection_pad2d", "aten.replication_pad2d")
+def pad(ctx: RuleContext, node):
+    x = ctx.arg(0, "input")
+    amounts = ctx.arg(1, "pad")
+    n = len(amounts) // 2 if isinstance(amounts, (list, tuple)) else ctx.meta(x).ndim
+    return spatial(ctx, x, n)
+
+
+# ---- shape queries: no tensor comes out, nothing to freeze ------------------------------------------------
+@rule(".size", ".dim", ".numel", ".ndimension", ".nelement", ".get_device", ".is_contiguous", "aten.sym_size",
+      "aten.size", "aten.dim", "aten.numel", "aten._assert_tensor_metadata", "aten._assert_scalar",
+      "aten.sym_constrain_range_for_size", torch._assert, builtins.getattr, builtins.len, builtins.int,
+      builtins.float)
+def shape_query(ctx: RuleContext, node):
+    out = ctx.out
+    if isinstance(out, TensorMeta) or (isinstance(out, (list, tuple)) and any(isinstance(o, TensorMeta)
+                                                                                 for o in out)):
+        ctx.freeze_inputs("shape query returned a tensor")
+        return ctx.unlabeled_output()
+    if node.target is builtins.getattr and ctx.arg(1) not in ("shape", "dtype", "device", "ndim", "is_cuda",
+                                                              "requires_grad", "layout"):
+        ctx.freeze_inputs(f"attribute {ctx.arg(1)!r} read from a tensor")
+    return None

@@ -1,0 +1,158 @@
+"""Normalisation layers and per-channel parametric activations.
+
+BatchNorm and InstanceNorm keep per-channel statistics: pruning is exact. GroupNorm is exact too
+because whole groups are removed (each group becomes one unit). LayerNorm over a pruned axis
+computes statistics across channels, so the pruned model only approximates the zeroed original.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .context import RuleContext, norm_dim
+from .registry import rule
+
+_STATS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _per_channel(ctx: RuleContext, x, cax: int, members) -> tuple:
+    label = ctx.tlabel(x)
+    size = ctx.meta(x).shape[cax]
+    channel = label[cax]
+    for member in members:
+        if member is not None:
+            ctx.unify(member, channel, size)
+    return label
+
+
+@rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+def batch_norm_module(ctx: RuleContext, node):
+    return _per_channel(ctx, ctx.arg(0, "input"), 1, [ctx.module_param(n, 0) for n in _STATS])
+
+
+@rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def instance_norm_module(ctx: RuleContext, node):
+    m, x = ctx.module, ctx.arg(0, "input")
+    spatial = next(s for cls, s in ((nn.InstanceNorm1d, 1), (nn.InstanceNorm2d, 2), (nn.InstanceNorm3d, 3))
+                   if isinstance(m, cls))
+    cax = 1 if ctx.meta(x).ndim == spatial + 2 else 0
+    return _per_channel(ctx, x, cax, [ctx.module_param(n, 0) for n in _STATS])
+
+
+@rule(F.batch_norm)
+def batch_norm_function(ctx: RuleContext, node):  # (input, running_mean, running_var, weight, bias, ...)
+    members = [ctx.tlabel(ctx.arg(i, n)) for i, n in ((1, "running_mean"), (2, "running_var"),
+                                                        (3, "weight"), (4, "bias"))]
+    return _per_channel(ctx, ctx.arg(0, "input"), 1, [m[0] if m else None for m in members])
+
+
+@rule("aten.batch_norm", "aten._native_batch_norm_legit_no_training", "aten.native_batch_norm",
+      "aten.instance_norm")
+def batch_norm_aten(ctx: RuleContext, node):  # (input, weight, bias, running_mean, running_var, ...)
+    members = [ctx.tlabel(ctx.arg(i)) for i in (1, 2, 3, 4)]
+    out = _per_channel(ctx, ctx.arg(0), 1, [m[0] if m else None for m in members])
+    if isinstance(ctx.out, (tuple, list)):  # native variants also return saved statistics
+        return [out] + [None] * (len(ctx.out) - 1)
+    return out
+
+
+@rule(F.instance_norm)
+def instance_norm_function(ctx: RuleContext, node):  # (input, running_mean, running_var, weight, bias, ...)
+    return batch_norm_function(ctx, node)
+
+
+def _layer_norm(ctx: RuleContext, x, normalized: int, weight_label, bias_label, affine: bool):
+    label = list(ctx.tlabel(x))
+    ndim = len(label)
+    axes = list(range(ndim - normalized, ndim))
+    for k, ax in enumerate(axes):
+        if label[ax] is None:
+            continue
+        if not affine:
+            ctx.freeze(label[ax], "LayerNorm without affine parameters over a channel axis")
+            continue
+        ctx.unify(label[ax], weight_label[k] if weight_label else None, ctx.meta(x).shape[ax])
+        if bias_label:
+            ctx.unify(label[ax], bias_label[k], ctx.meta(x).shape[ax])
+        ctx.state.mark_inexact(label[ax], "LayerNorm statistics span the pruned channels")
+    return tuple(label)
+
+
+@rule(nn.LayerNorm)
+def layer_norm_module(ctx: RuleContext, node):
+    m = ctx.module
+    k = len(m.normalized_shape)
+    w = tuple(ctx.module_param("weight", d) for d in range(k)) if m.weight is not None else None
+    b = tuple(ctx.module_param("bias", d) for d in range(k)) if m.bias is not None else None
+    return _layer_norm(ctx, ctx.arg(0, "input"), k, w, b, m.weight is not None)
+
+
+@rule(F.layer_norm, "aten.layer_norm")
+def layer_norm_function(ctx: RuleContext, node):
+    shape = ctx.arg(1, "normalized_shape")
+    w_node, b_node = ctx.arg(2, "weight"), ctx.arg(3, "bias")
+    k = len(shape) if isinstance(shape, (list, tuple)) else 1
+    # normalized_shape is a literal; it is only safe if it is a LayerNorm attribute we update.
+    affine = w_node is not None and _owned_by(ctx, w_node, nn.LayerNorm)
+    w = ctx.tlabel(w_node) if w_node is not None else None
+    b = ctx.tlabel(b_node) if b_node is not None else None
+    return _layer_norm(ctx, ctx.arg(0, "input"), k, w, b, affine)
+
+
+def _owned_by(ctx: RuleContext, node, cls) -> bool:
+    """Is ``node`` a get_attr of a parameter of a ``cls`` module (whose metadata we update)?"""
+    if getattr(node, "op", None) != "get_attr":
+        return False
+    path = node.target.rsplit(".", 1)[0] if "." in node.target else ""
+    try:
+        return isinstance(ctx.model.get_submodule(path), cls)
+    except AttributeError:
+        return False
+
+
+def _group_norm(ctx: RuleContext, x, groups: int, weight, bias):
+    label = ctx.tlabel(x)
+    channel = label[1] if len(label) > 1 else None
+    size = ctx.meta(x).shape[1]
+    if channel is not None:
+        blocks = channel.reshape(groups, -1)
+        ctx.unify(np.repeat(blocks[:, :1], blocks.shape[1] - 1, axis=1).ravel(), blocks[:, 1:].ravel())
+    ctx.attach(weight, channel, size)
+    ctx.attach(bias, channel, size)
+    return label
+
+
+@rule(nn.GroupNorm)
+def group_norm_module(ctx: RuleContext, node):
+    return _group_norm(ctx, ctx.arg(0, "input"), ctx.module.num_groups,
+                       ctx.module_param("weight", 0), ctx.module_param("bias", 0))
+
+
+@rule(F.group_norm)
+def group_norm_function(ctx: RuleContext, node):
+    w_node, b_node = ctx.arg(2, "weight"), ctx.arg(3, "bias")
+    groups = ctx.arg(1, "num_groups")
+    if not (isinstance(groups, int) and w_node is not None and _owned_by(ctx, w_node, nn.GroupNorm)):
+        ctx.freeze_inputs("group_norm whose num_groups is not a GroupNorm attribute")
+        return ctx.unlabeled_output()
+    w, b = ctx.tlabel(w_node), ctx.tlabel(b_node) if b_node is not None else None
+    return _group_norm(ctx, ctx.arg(0, "input"), groups, w[0], b[0] if b else None)
+
+
+@rule(nn.PReLU)
+def prelu_module(ctx: RuleContext, node):
+    x = ctx.arg(0, "input")
+    label = ctx.tlabel(x)
+    if ctx.module.num_parameters > 1:
+        cax = 1 if len(label) >= 2 else 0
+        ctx.unify(ctx.module_param("weight", 0), label[cax], ctx.meta(x).shape[cax])
+    return label
+
+
+@rule(nn.LocalResponseNorm)
+def local_response_norm(ctx: RuleContext, node):
+    label = ctx.tlabel(ctx.arg(0, "input"))
+    ctx.state.mark_inexact(label[1] if len(label) > 1 else None, "LocalResponseNorm mixes neighbouring channels")
+    return label

@@ -1,0 +1,145 @@
+"""Physical shrinking: slice parameters and buffers, then fix module metadata.
+
+Generic part: every channel space whose elements are partly dropped is ``index_select``-ed on its
+dim (parameters stay ``nn.Parameter`` with their ``requires_grad``). Per-class *updaters* then
+re-derive metadata (``out_channels``, ``groups``, ``num_features``...) from the new shapes.
+Register an updater for a new layer type with :func:`updater`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .graph import DependencyGraph
+
+Updater = Callable[[nn.Module, Dict[str, tuple]], None]
+_UPDATERS: Dict[type, Updater] = {}
+
+
+def updater(*classes):
+    """Register ``fn(module, old_shapes)`` to refresh metadata of ``classes`` after slicing."""
+
+    def register(fn: Updater) -> Updater:
+        for cls in classes:
+            _UPDATERS[cls] = fn
+        return fn
+
+    return register
+
+
+def _find_updater(module: nn.Module):
+    for base in type(module).__mro__:
+        if base in _UPDATERS:
+            return _UPDATERS[base]
+    return None
+
+
+@updater(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _conv(m, old):
+    w = m.weight
+    if m.groups > 1:  # whole groups were removed: groups shrink with the output channels
+        old_out = old["weight"][1] * m.groups if m.transposed else old["weight"][0]
+        new_out = w.shape[1] * m.groups if m.transposed else w.shape[0]
+        m.groups = m.groups * new_out // old_out if not m.transposed else m.groups
+    if m.transposed:
+        m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+    else:
+        m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+
+
+@updater(nn.Linear)
+def _linear(m, old):
+    m.out_features, m.in_features = m.weight.shape
+
+
+@updater(nn.modules.batchnorm._NormBase)
+def _norm(m, old):
+    t = m.weight if m.weight is not None else m.running_mean
+    if t is not None:
+        m.num_features = t.shape[0]
+
+
+@updater(nn.LayerNorm)
+def _layer_norm(m, old):
+    if m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+@updater(nn.GroupNorm)
+def _group_norm(m, old):
+    per_group = old["weight"][0] // m.num_groups
+    m.num_channels = m.weight.shape[0]
+    m.num_groups = m.num_channels // per_group
+
+
+@updater(nn.PReLU)
+def _prelu(m, old):
+    m.num_parameters = m.weight.numel()
+
+
+@updater(nn.Embedding)
+def _embedding(m, old):
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
+def _owners(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str, str]]]:
+    """id(tensor) -> every (module, kind, name) slot holding it (shared tensors have several)."""
+    owners: Dict[int, List[Tuple[nn.Module, str, str]]] = {}
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, t in getattr(module, kind).items():
+                if t is not None:
+                    owners.setdefault(id(t), []).append((module, kind, name))
+    return owners
+
+
+def shrink(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> List[nn.Module]:
+    """Remove every dropped element from ``model`` (which has ``dg.model``'s structure); return touched modules."""
+    cuts: Dict[str, List[Tuple[int, np.ndarray]]] = {}
+    for space in dg.state.spaces:
+        gone = dropped[space.start:space.start + space.size]
+        if gone.any():
+            cuts.setdefault(space.tensor, []).append((space.dim, np.flatnonzero(~gone)))
+    owners = _owners(model)
+    touched: Dict[nn.Module, Dict[str, tuple]] = {}
+    for name, dims in cuts.items():
+        path, _, attr = name.rpartition(".")
+        holder = model.get_submodule(path) if path else model
+        old = getattr(holder, attr)
+        new = old.detach()
+        for dim, keep in dims:
+            new = new.index_select(dim, torch.as_tensor(keep, device=new.device))
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(new.clone(), requires_grad=old.requires_grad)
+        for module, kind, slot in owners.get(id(old), [(holder, "_buffers", attr)]):
+            getattr(module, kind)[slot] = new
+            touched.setdefault(module, {})[slot] = tuple(old.shape)
+    for module, old_shapes in touched.items():
+        update = _find_updater(module)
+        if update is not None:
+            update(module, old_shapes)
+    return list(touched)
+
+
+@contextlib.contextmanager
+def rollback(model: nn.Module):
+    """Restore every parameter, buffer and plain attribute of every module if the block raises."""
+    saved = [(m, dict(m._parameters), dict(m._buffers),
+              {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in model.modules()]
+    try:
+        yield
+    except BaseException:
+        for m, params, buffers, attrs in saved:
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
+                delattr(m, k)
+            for k, v in attrs.items():
+                setattr(m, k, v)
+        raise

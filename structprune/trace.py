@@ -1,0 +1,143 @@
+"""Capture a model's graph: torch.fx first, torch.export (non-strict) when fx cannot.
+
+The captured graph is only *read*: pruning is applied to the caller's own modules by name, so the
+tracer that ran never shows in the result. Both tracers yield an ``fx.GraphModule`` whose
+parameters are reachable under the original fully-qualified names.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Dict, Tuple
+
+import torch
+from torch import fx, nn
+
+from .errors import ExampleInputError, TraceError
+
+
+@dataclass
+class Inputs:
+    """An example input normalised to positional and keyword arguments."""
+
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+
+    @classmethod
+    def from_example(cls, example: Any) -> "Inputs":
+        if isinstance(example, torch.Tensor):
+            return cls((example,), {})
+        if isinstance(example, (tuple, list)):
+            return cls(tuple(example), {})
+        if isinstance(example, dict):
+            if not all(isinstance(k, str) for k in example):
+                raise ExampleInputError("a dict example input must map argument names (str) to values")
+            return cls((), dict(example))
+        raise ExampleInputError(
+            f"example_input must be a Tensor, a tuple/list of positional arguments or a dict of keyword "
+            f"arguments, not {type(example).__name__}"
+        )
+
+    def flat(self) -> list:
+        return list(self.args) + list(self.kwargs.values())
+
+
+@dataclass
+class Trace:
+    """A captured graph plus how it was captured."""
+
+    gm: fx.GraphModule
+    tracer: str  # "fx" or "export"
+    inputs: Inputs
+    placeholders_order: Tuple[str, ...]  # how to feed `inputs` to gm positionally
+
+    def run_args(self, inputs: Inputs) -> list:
+        values = dict(zip(self._positional_names(), inputs.args))
+        values.update(inputs.kwargs)
+        return [values[name] for name in self.placeholders_order]
+
+    def _positional_names(self):
+        return self.placeholders_order[: len(self.inputs.args)]
+
+
+class LeafTracer(fx.Tracer):
+    """fx tracer that keeps every module we have a rule for (and torch.nn modules) as a leaf."""
+
+    def __init__(self, is_rule_leaf):
+        super().__init__()
+        self._is_rule_leaf = is_rule_leaf
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return False
+        return self._is_rule_leaf(m) or super().is_leaf_module(m, qualname)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run with every submodule in eval mode, then restore each module's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _fx_trace(model: nn.Module, inputs: Inputs, is_rule_leaf) -> Trace:
+    sig = inspect.signature(model.forward)
+    params = [p for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        raise TraceError("forward takes *args/**kwargs")
+    given = {p.name for p in params[: len(inputs.args)]} | set(inputs.kwargs)
+    unknown = set(inputs.kwargs) - {p.name for p in params}
+    if unknown:
+        raise ExampleInputError(f"forward() has no argument(s) {sorted(unknown)}")
+    concrete = {p.name: p.default for p in params if p.name not in given and p.default is not p.empty}
+    missing = [p.name for p in params if p.name not in given and p.default is p.empty]
+    if missing:
+        raise ExampleInputError(f"the example input does not provide forward() argument(s) {missing}")
+    tracer = LeafTracer(is_rule_leaf)
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    order = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
+    order = tuple(t for t in order if t in given)
+    return Trace(gm, "fx", inputs, order)
+
+
+def _export_trace(model: nn.Module, inputs: Inputs) -> Trace:
+    ep = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
+    gm = ep.module()
+    sig = inspect.signature(model.forward)
+    names = [p.name for p in sig.parameters.values()][: len(inputs.args)] + list(inputs.kwargs)
+    # the unlifted module takes the original forward() signature positionally-or-by-keyword
+    placeholder_names = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
+    order = tuple(names) if len(names) == len(placeholder_names) else placeholder_names
+    return Trace(gm, "export", inputs, order)
+
+
+def capture(model: nn.Module, inputs: Inputs, is_rule_leaf) -> Trace:
+    """Trace ``model`` with fx, falling back to torch.export; raise TraceError naming both failures."""
+    with eval_mode(model):
+        try:
+            return _fx_trace(model, inputs, is_rule_leaf)
+        except ExampleInputError:
+            raise
+        except Exception as fx_error:  # fx fails on data-dependent control flow and friends
+            try:
+                return _export_trace(model, inputs)
+            except Exception as export_error:
+                raise TraceError(
+                    "could not capture the model's graph.\n"
+                    f"  torch.fx: {type(fx_error).__name__}: {_first_line(fx_error)}\n"
+                    f"  torch.export: {type(export_error).__name__}: {_first_line(export_error)}\n"
+                    "Make the failing op traceable (e.g. move data-dependent Python control flow out of "
+                    "forward, or wrap the offending function with torch.fx.wrap) and try again."
+                ) from export_error
+
+
+def _first_line(error: Exception, limit: int = 600) -> str:
+    text = str(error).strip()
+    return text[:limit]

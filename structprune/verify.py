@@ -1,0 +1,119 @@
+"""Verification: the pruned model must reproduce the original with the dropped channels zeroed.
+
+:class:`ZeroingInterpreter` runs the original captured graph and zeroes the dropped channels in every
+tensor whose axes carry them. Where every op on the pruned axes is per-channel, the pruned model
+must match that reference to float tolerance; where an op mixes channels (LayerNorm or softmax over
+a pruned axis) only shapes and finiteness can be checked, and the result says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .graph import DependencyGraph
+from .spaces import Label
+from .trace import eval_mode
+
+RTOL = 1e-4  # relative to the largest reference magnitude: pruning only reorders float sums
+
+
+@dataclass
+class VerificationResult:
+    passed: bool
+    exact: bool  # True: values compared; False: shapes and finiteness only
+    max_abs_error: float
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _zero_dropped(value: Any, label: Label, dropped: np.ndarray) -> Any:
+    if isinstance(value, torch.Tensor) and isinstance(label, tuple) and len(label) == value.ndim:
+        for axis, elements in enumerate(label):
+            if elements is None:
+                continue
+            gone = (elements >= 0) & dropped[np.maximum(elements, 0)]
+            if gone.any():
+                shape = [1] * value.ndim
+                shape[axis] = len(elements)
+                keep = torch.as_tensor(~gone, device=value.device).reshape(shape)
+                value = value * keep.to(value.dtype) if value.is_floating_point() else value * keep
+        return value
+    if isinstance(value, (tuple, list)) and isinstance(label, list) and len(label) == len(value):
+        items = [_zero_dropped(v, l, dropped) for v, l in zip(value, label)]
+        return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
+    if isinstance(value, dict) and isinstance(label, list) and len(label) == len(value):
+        return {k: _zero_dropped(v, l, dropped) for (k, v), l in zip(value.items(), label)}
+    return value
+
+
+class ZeroingInterpreter(fx.Interpreter):
+    """Run the captured original graph, zeroing every dropped channel in every labelled tensor."""
+
+    def __init__(self, gm: fx.GraphModule, labels: Dict[fx.Node, Label], dropped: np.ndarray):
+        super().__init__(gm)
+        self._labels = labels
+        self._dropped = dropped
+
+    def run_node(self, n: fx.Node) -> Any:
+        return _zero_dropped(super().run_node(n), self._labels.get(n), self._dropped)
+
+
+def _flatten(value: Any) -> List[Any]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flatten(v)]
+    if isinstance(value, (tuple, list)):
+        return [x for v in value for x in _flatten(v)]
+    if hasattr(value, "to_tuple"):  # Hugging Face ModelOutput
+        return _flatten(value.to_tuple())
+    return []
+
+
+def verify(dg: DependencyGraph, pruned: nn.Module, dropped: np.ndarray,
+           exact: Optional[bool] = None) -> VerificationResult:
+    """Compare ``pruned`` on the example input with the zeroed original."""
+    inputs = dg.inputs
+    touched_groups = [g for g in dg.groups if dropped[np.concatenate([s.elements for s in g.spaces])].any()]
+    if exact is None:
+        exact = all(g.exact for g in touched_groups)
+    with torch.no_grad(), eval_mode(dg.model), eval_mode(pruned):
+        reference = ZeroingInterpreter(dg.trace.gm, dg.labels, dropped).run(*dg.trace.run_args(inputs))
+        try:
+            result = pruned(*inputs.args, **inputs.kwargs)
+        except Exception as error:
+            return VerificationResult(False, exact, float("inf"),
+                                      f"the pruned model failed to run: {type(error).__name__}: {error}")
+    ref_items, out_items = _flatten(reference), _flatten(result)
+    if len(ref_items) != len(out_items):
+        return VerificationResult(False, exact, float("inf"),
+                                  f"the pruned model returns {len(out_items)} tensors, the original {len(ref_items)}")
+    worst = 0.0
+    for k, (ref, out) in enumerate(zip(ref_items, out_items)):
+        if ref.shape != out.shape:
+            return VerificationResult(False, exact, float("inf"),
+                                      f"output {k} has shape {tuple(out.shape)} instead of {tuple(ref.shape)}")
+        if not out.is_floating_point():
+            if exact and not torch.equal(ref, out):
+                return VerificationResult(False, exact, float("inf"), f"integer output {k} differs")
+            continue
+        if not torch.isfinite(out).all() and torch.isfinite(ref).all():
+            return VerificationResult(False, exact, float("inf"), f"output {k} has non-finite values")
+        if exact and ref.numel():
+            scale = ref.abs().max().item()
+            err = (ref - out).abs().max().item()
+            worst = max(worst, err / max(scale, 1e-12))
+            if err > RTOL * max(scale, 1e-6) + 1e-6:
+                return VerificationResult(False, exact, err / max(scale, 1e-12),
+                                          f"output {k} differs from the zeroed original by {err:.3g} "
+                                          f"(largest reference magnitude {scale:.3g})")
+    kind = "matches the zeroed original" if exact else \
+        "has the original's output shapes and finite values (a channel-mixing op such as LayerNorm makes an " \
+        "exact comparison impossible)"
+    return VerificationResult(True, exact, worst, f"verification passed: the pruned model {kind}")

@@ -1,0 +1,42 @@
+"""Shared test helpers."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import structprune as sp
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """A deep copy of everything that must not change: tensors and plain module attributes."""
+    state = {k: v.clone() for k, v in model.state_dict(keep_vars=False).items()}
+    attrs = {name: {k: copy.copy(v) for k, v in vars(m).items() if not k.startswith("_")}
+             for name, m in model.named_modules()}
+    return {"state": state, "attrs": attrs, "training": [m.training for m in model.modules()]}
+
+
+def assert_unchanged(model: torch.nn.Module, snap: dict) -> None:
+    state = model.state_dict()
+    assert state.keys() == snap["state"].keys()
+    for k, v in snap["state"].items():
+        assert state[k].shape == v.shape and torch.equal(state[k], v), f"{k} changed"
+    for name, m in model.named_modules():
+        now = {k: v for k, v in vars(m).items() if not k.startswith("_")}
+        assert now == snap["attrs"][name], f"attributes of {name!r} changed"
+    assert [m.training for m in model.modules()] == snap["training"]
+
+
+def slim_exact(model, x, ratio=0.5, **kwargs):
+    """slim with verification; assert it compared values exactly and parameters went down."""
+    model.eval()
+    small, report = sp.slim_with_report(model, x, ratio, **kwargs)
+    assert report.verification.passed, report.verification.message
+    assert report.verification.exact, report.verification.message
+    assert report.params_after < report.params_before, str(report)
+    return small, report
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model(*x) if isinstance(x, tuple) else model(x)
