@@ -147,11 +147,20 @@ def warm_up(ratio: float) -> None:
 # ----------------------------------------------------------------------------- one model
 
 
+# models whose code fixes the input resolution
+FIXED_SIDE = {"vit_": 224, "maxvit_t": 224}
+
+
+def input_side(name: str, requested: int) -> int:
+    """The requested input side, except for models that only accept one resolution."""
+    return next((side for prefix, side in FIXED_SIDE.items() if name.startswith(prefix)), requested)
+
+
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"model": name}
     try:
         torch.manual_seed(args.seed)
-        x = torch.randn(1, 3, args.size, args.size)
+        x = torch.randn(1, 3, input_side(name, args.size), input_side(name, args.size))
         ref = build_model(name, args.seed)
         params_before = count_params(ref)
         with torch.no_grad():

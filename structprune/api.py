@@ -1,7 +1,6 @@
 """``slim()``: trace -> group -> score -> plan -> shrink -> verify, in one call."""
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -14,8 +13,8 @@ from .errors import InvalidModelError, InvalidRatioError, VerificationError
 from .graph import DependencyGraph
 from .metrics import count_parameters
 from .plan import Plan, plan_uniform
-from .shrink import rollback, shrink
-from .verify import VerificationResult, verify as verify_pruned
+from .shrink import rollback, shrink, shrunk_copy
+from .verify import VerificationResult, verify as verify_pruned, zeroed_reference
 
 
 @dataclass
@@ -71,12 +70,20 @@ def slim_with_report(model: nn.Module, example_input: Any, ratio: float = 0.5, *
     plan = plan_uniform(dg, model, ratio, score)
     dropped = plan.element_mask(dg)
     params_before = count_parameters(model)
-    target = model if inplace else copy.deepcopy(model)
     result = None
-    with rollback(target):
-        shrink(target, dg, dropped)
+    reference = zeroed_reference(dg, dropped) if verify else None
+    if inplace:
+        target = model
+        with rollback(target):
+            shrink(target, dg, dropped)
+            if verify:
+                result = verify_pruned(dg, target, dropped, reference)
+                if not result.passed:
+                    raise VerificationError(_explain_failure(dg, plan, result))
+    else:
+        target = shrunk_copy(model, dg, dropped)
         if verify:
-            result = verify_pruned(dg, target, dropped)
+            result = verify_pruned(dg, target, dropped, reference)
             if not result.passed:
                 raise VerificationError(_explain_failure(dg, plan, result))
     report = SlimReport(dg, plan, params_before, count_parameters(target), result,

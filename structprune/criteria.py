@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .graph import Group
+from .graph import Group, named_tensors
 
 Criterion = Callable[[Group, nn.Module], np.ndarray]
 _CRITERIA: Dict[str, Criterion] = {}
@@ -36,27 +36,64 @@ def get_criterion(criterion: Union[str, Criterion]) -> Criterion:
                          "or pass a function (group, model) -> scores") from None
 
 
+_TENSORS: Dict[int, Dict[str, torch.Tensor]] = {}
+
+
 def tensor_of(model: nn.Module, name: str) -> torch.Tensor:
-    path, _, attr = name.rpartition(".")
-    owner = model.get_submodule(path) if path else model
-    return getattr(owner, attr)
+    """The parameter or buffer called ``name`` (a lookup table is kept until :func:`clear_cache`)."""
+    table = _TENSORS.get(id(model))
+    if table is None:
+        table = _TENSORS[id(model)] = named_tensors(model)
+    return table[name]
 
 
-def member_scores(group: Group, model: nn.Module, per_position: Callable[[torch.Tensor], torch.Tensor],
+_AXIS_SUMS: Dict[tuple, Dict[int, np.ndarray]] = {}
+
+
+def clear_cache() -> None:
+    """Forget cached per-axis statistics (planning calls this before scoring)."""
+    _AXIS_SUMS.clear()
+    _TENSORS.clear()
+
+
+def axis_sums(name: str, t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], key: str, dim: int) -> np.ndarray:
+    """Sum of ``fn(t)`` over every axis but ``dim``.
+
+    ``fn(t)`` is computed once per tensor and reduced to a (dim0, dim1) matrix, from which both the
+    producer side (filters) and the consumer side (input channels) are read without another pass.
+    """
+    cached = _AXIS_SUMS.get((name, key, t.data_ptr(), t._version))
+    if cached is None:
+        with torch.no_grad():
+            values = fn(t.detach() if t.is_floating_point() else t.detach().float())
+            if values.ndim >= 2:
+                matrix = values.reshape(values.shape[0], values.shape[1], -1)
+                matrix = matrix.sum(-1) if matrix.shape[-1] > 1 else matrix.reshape(matrix.shape[:2])
+                cached = {0: matrix.sum(1).double().cpu().numpy(), 1: matrix.sum(0).double().cpu().numpy()}
+            else:
+                cached = {0: values.double().reshape(-1).cpu().numpy()} if values.ndim == 1 else {}
+        _AXIS_SUMS[(name, key, t.data_ptr(), t._version)] = cached
+    if dim not in cached:
+        with torch.no_grad():
+            values = fn(t.detach().float())
+            cached[dim] = values.movedim(dim, 0).reshape(values.shape[dim], -1).sum(1).double().cpu().numpy()
+    return cached[dim]
+
+
+def member_scores(group: Group, model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], key: str,
                   finish: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> np.ndarray:
-    """Aggregate a per-position statistic over the group's trainable members.
+    """Aggregate an elementwise statistic over the group's trainable members.
 
-    ``per_position`` maps a member reshaped to (positions, rest) to one value per position; the
-    values of positions of one unit are summed, passed through ``finish``, mean-normalised per
-    member, and averaged over members.
+    ``fn`` maps weights to a non-negative statistic (``|w|``, ``w**2``); it is summed over every
+    position of a unit within a member, passed through ``finish``, normalised by the member's mean
+    (so a BatchNorm scale and a 3x3 filter weigh alike), and averaged over members.
     """
     totals, count = np.zeros(group.n_units), 0
     for space, index in zip(group.spaces, group.unit_index):
         t = tensor_of(model, space.tensor)
         if not isinstance(t, nn.Parameter):
             continue  # running statistics are not importance signals
-        rows = t.detach().movedim(space.dim, 0).reshape(t.shape[space.dim], -1).float()
-        values = per_position(rows).cpu().double().numpy()
+        values = axis_sums(space.tensor, t, fn, key, space.dim)
         unit = finish(np.bincount(index, weights=values, minlength=group.n_units))
         mean = unit.mean()
         totals += unit / mean if mean > 0 else unit
@@ -67,13 +104,13 @@ def member_scores(group: Group, model: nn.Module, per_position: Callable[[torch.
 @register_criterion("l2")
 def l2_norm(group: Group, model: nn.Module) -> np.ndarray:
     """L2 norm of every unit's weights, per member, mean-normalised and averaged."""
-    return member_scores(group, model, lambda rows: rows.pow(2).sum(1), np.sqrt)
+    return member_scores(group, model, torch.square, "square", np.sqrt)
 
 
 @register_criterion("l1")
 def l1_norm(group: Group, model: nn.Module) -> np.ndarray:
     """Sum of absolute weights of every unit, per member, mean-normalised and averaged."""
-    return member_scores(group, model, lambda rows: rows.abs().sum(1))
+    return member_scores(group, model, torch.abs, "abs")
 
 
 @register_criterion("random")

@@ -80,12 +80,11 @@ class Group:
     __repr__ = __str__
 
 
-def _canonical_names(model: nn.Module) -> Dict[int, str]:
-    names: Dict[int, str] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
-            model.named_buffers(remove_duplicate=False)):
-        names.setdefault(id(t), name)
-    return names
+def named_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Every parameter and buffer under every name it is reachable by."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    return tensors
 
 
 class DependencyGraph:
@@ -113,9 +112,10 @@ class DependencyGraph:
     # ----- label propagation ---------------------------------------------------------------------------
     def _walk(self) -> None:
         gm, state = self.trace.gm, self.state
-        canonical = _canonical_names(self.model)
-        by_name = {name: canonical[id(t)] for name, t in list(self.model.named_parameters(remove_duplicate=False))
-                   + list(self.model.named_buffers(remove_duplicate=False))}
+        canonical: Dict[int, str] = {}
+        for name, t in named_tensors(self.model).items():
+            canonical.setdefault(id(t), name)  # a shared tensor is known by its first name
+        by_name = {name: canonical[id(t)] for name, t in named_tensors(self.model).items()}
         ctx = RuleContext(gm, self.model, state, self.labels, canonical)
         for node in gm.graph.nodes:
             meta = node.meta.get(META_KEY)
@@ -135,8 +135,8 @@ class DependencyGraph:
         return tuple(self.state.param_axis(name, d, s) if s > 1 else None for d, s in enumerate(meta.shape))
 
     def _apply_rule(self, ctx: RuleContext, node: fx.Node, meta: Any) -> Label:
-        fn = lookup(node, self.trace.gm)
-        ctx.node, ctx.op = node, f"{op_name(node, self.trace.gm)} ({node.name})"
+        fn = lookup(node, ctx.modules)
+        ctx.node, ctx.op = node, f"{op_name(node, ctx.modules)} ({node.name})"
         if fn is not None:
             try:
                 label = fn(ctx, node)
@@ -148,7 +148,7 @@ class DependencyGraph:
         else:
             reason = "no rule for this op"
             if any(has_labels(ctx.label(a)) for a in ctx.tensor_inputs()):
-                self.unknown_ops[op_name(node, self.trace.gm)] += 1  # only ops that touch channels matter
+                self.unknown_ops[op_name(node, ctx.modules)] += 1  # only ops that touch channels matter
         ctx.freeze_inputs(reason)
         return unlabeled(meta)
 

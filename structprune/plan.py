@@ -8,7 +8,7 @@ from typing import Dict
 import numpy as np
 from torch import nn
 
-from .criteria import Criterion
+from .criteria import Criterion, clear_cache
 from .graph import DependencyGraph, Group
 
 
@@ -48,17 +48,21 @@ def plan_uniform(dg: DependencyGraph, model: nn.Module, ratio: float, criterion:
     count towards the ratio, so every layer that can shrink shrinks by ``ratio``.
     """
     plan = Plan()
-    for group in dg.prunable_groups:
-        candidates = np.flatnonzero(~group.frozen_units)
-        n_drop = min(math.floor(ratio * len(candidates) + 1e-9), group.n_units - 1)
-        if n_drop <= 0:
-            continue
-        scores = np.asarray(criterion(group, model), dtype=np.float64)
-        if scores.shape != (group.n_units,):
-            raise ValueError(f"criterion returned shape {scores.shape} for group {group.id} with "
-                             f"{group.n_units} units")
-        order = candidates[np.argsort(scores[candidates], kind="stable")]
-        drop = _keep_every_space_alive(group, order[:n_drop], scores)
-        if drop.size:
-            plan.drops[group.id] = drop
+    clear_cache()
+    try:
+        for group in dg.prunable_groups:
+            candidates = np.flatnonzero(~group.frozen_units)
+            n_drop = min(math.floor(ratio * len(candidates) + 1e-9), group.n_units - 1)
+            if n_drop <= 0:
+                continue
+            scores = np.asarray(criterion(group, model), dtype=np.float64)
+            if scores.shape != (group.n_units,):
+                raise ValueError(f"criterion returned shape {scores.shape} for group {group.id} with "
+                                 f"{group.n_units} units")
+            order = candidates[np.argsort(scores[candidates], kind="stable")]
+            drop = _keep_every_space_alive(group, order[:n_drop], scores)
+            if drop.size:
+                plan.drops[group.id] = drop
+    finally:
+        clear_cache()  # the cache holds references to the model's tensors
     return plan

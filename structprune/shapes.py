@@ -1,7 +1,6 @@
 """Shape propagation: run the captured graph once and keep each node's output shape on the node.
 
-Runs under ``FakeTensorMode`` (no arithmetic, no memory for activations) and falls back to a real
-forward pass when an op cannot run on fake tensors. Results live in ``node.meta["sp_value"]``:
+Results live in ``node.meta["sp_value"]``:
 a :class:`TensorMeta` for tensors, the same nesting for tuples/lists/dicts, and plain Python
 values (ints, ``torch.Size``) as they are.
 """
@@ -58,16 +57,20 @@ class ShapeProp(fx.Interpreter):
 
 
 def propagate_shapes(gm: fx.GraphModule, args: list) -> None:
-    """Fill ``node.meta[META_KEY]`` for every node of ``gm``."""
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
+    """Fill ``node.meta[META_KEY]`` for every node of ``gm``.
 
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-            with torch.no_grad():
-                ShapeProp(gm).run(*fake_args)
+    A real forward pass (no autograd) is the fastest way on ordinary models; models whose tensors
+    live on the ``meta`` device (too big to materialise) are propagated under ``FakeTensorMode``.
+    """
+    on_meta = any(t.is_meta for t in gm.parameters()) or any(
+        isinstance(a, torch.Tensor) and a.is_meta for a in args)
+    if not on_meta:
+        with torch.no_grad():
+            ShapeProp(gm).run(*args)
         return
-    except Exception:
-        pass  # some ops need real data; a real forward pass is the safe fallback
-    with torch.no_grad():
-        ShapeProp(gm).run(*args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with torch.no_grad():
+            ShapeProp(gm).run(*fake_args)

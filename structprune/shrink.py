@@ -8,6 +8,7 @@ Register an updater for a new layer type with :func:`updater`.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
@@ -86,43 +87,71 @@ def _embedding(m, old):
     m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
-def _owners(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str, str]]]:
-    """id(tensor) -> every (module, kind, name) slot holding it (shared tensors have several)."""
-    owners: Dict[int, List[Tuple[nn.Module, str, str]]] = {}
-    for module in model.modules():
-        for kind in ("_parameters", "_buffers"):
-            for name, t in getattr(module, kind).items():
-                if t is not None:
-                    owners.setdefault(id(t), []).append((module, kind, name))
-    return owners
-
-
-def shrink(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> List[nn.Module]:
-    """Remove every dropped element from ``model`` (which has ``dg.model``'s structure); return touched modules."""
+def sliced_tensors(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> Dict[int, torch.Tensor]:
+    """New, smaller tensors for every parameter/buffer of ``model`` that loses channels, keyed by
+    ``id`` of the tensor they replace. Parameters stay ``nn.Parameter`` with their ``requires_grad``."""
     cuts: Dict[str, List[Tuple[int, np.ndarray]]] = {}
     for space in dg.state.spaces:
         gone = dropped[space.start:space.start + space.size]
         if gone.any():
             cuts.setdefault(space.tensor, []).append((space.dim, np.flatnonzero(~gone)))
-    owners = _owners(model)
-    touched: Dict[nn.Module, Dict[str, tuple]] = {}
+    replacements: Dict[int, torch.Tensor] = {}
     for name, dims in cuts.items():
         path, _, attr = name.rpartition(".")
-        holder = model.get_submodule(path) if path else model
-        old = getattr(holder, attr)
+        old = getattr(model.get_submodule(path) if path else model, attr)
         new = old.detach()
         for dim, keep in dims:
             new = new.index_select(dim, torch.as_tensor(keep, device=new.device))
         if isinstance(old, nn.Parameter):
-            new = nn.Parameter(new.clone(), requires_grad=old.requires_grad)
-        for module, kind, slot in owners.get(id(old), [(holder, "_buffers", attr)]):
-            getattr(module, kind)[slot] = new
-            touched.setdefault(module, {})[slot] = tuple(old.shape)
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        replacements[id(old)] = new
+    return replacements
+
+
+def _refresh_metadata(touched: Dict[nn.Module, Dict[str, tuple]]) -> None:
     for module, old_shapes in touched.items():
         update = _find_updater(module)
         if update is not None:
             update(module, old_shapes)
+
+
+def shrink(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> List[nn.Module]:
+    """Remove every dropped element from ``model`` in place; return the modules it touched."""
+    replacements = sliced_tensors(model, dg, dropped)
+    touched: Dict[nn.Module, Dict[str, tuple]] = {}
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            slots = getattr(module, kind)
+            for slot, t in list(slots.items()):
+                if t is not None and id(t) in replacements:
+                    slots[slot] = replacements[id(t)]
+                    touched.setdefault(module, {})[slot] = tuple(t.shape)
+    _refresh_metadata(touched)
     return list(touched)
+
+
+def shrunk_copy(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> nn.Module:
+    """A deep copy of ``model`` without the dropped elements.
+
+    The sliced tensors are handed to ``deepcopy`` as already-copied, so the large original tensors
+    are never duplicated only to be thrown away.
+    """
+    replacements = sliced_tensors(model, dg, dropped)
+    originals = {}
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            for slot, t in getattr(module, kind).items():
+                if t is not None and id(t) in replacements:
+                    originals[id(replacements[id(t)])] = tuple(t.shape)
+    copy_ = copy.deepcopy(model, memo=dict(replacements))
+    touched: Dict[nn.Module, Dict[str, tuple]] = {}
+    for module in copy_.modules():
+        for kind in ("_parameters", "_buffers"):
+            for slot, t in getattr(module, kind).items():
+                if t is not None and id(t) in originals:
+                    touched.setdefault(module, {})[slot] = originals[id(t)]
+    _refresh_metadata(touched)
+    return copy_
 
 
 @contextlib.contextmanager

@@ -76,15 +76,28 @@ def _flatten(value: Any) -> List[Any]:
     return []
 
 
-def verify(dg: DependencyGraph, pruned: nn.Module, dropped: np.ndarray,
+def zeroed_reference(dg: DependencyGraph, dropped: np.ndarray) -> Any:
+    """Outputs of the original model with every dropped channel zeroed (run before shrinking, since an
+    in-place shrink changes the very modules the captured graph calls)."""
+    with torch.no_grad(), eval_mode(dg.model):
+        return ZeroingInterpreter(dg.trace.gm, dg.labels, dropped).run(*dg.trace.run_args(dg.inputs))
+
+
+def is_exact(dg: DependencyGraph, dropped: np.ndarray) -> bool:
+    """Can values be compared? Only if every group that loses channels has only per-channel ops."""
+    return all(g.exact for g in dg.groups
+               if dropped[np.concatenate([s.elements for s in g.spaces])].any())
+
+
+def verify(dg: DependencyGraph, pruned: nn.Module, dropped: np.ndarray, reference: Any = None,
            exact: Optional[bool] = None) -> VerificationResult:
-    """Compare ``pruned`` on the example input with the zeroed original."""
+    """Compare ``pruned`` on the example input with the zeroed original (``reference`` if precomputed)."""
     inputs = dg.inputs
-    touched_groups = [g for g in dg.groups if dropped[np.concatenate([s.elements for s in g.spaces])].any()]
     if exact is None:
-        exact = all(g.exact for g in touched_groups)
-    with torch.no_grad(), eval_mode(dg.model), eval_mode(pruned):
-        reference = ZeroingInterpreter(dg.trace.gm, dg.labels, dropped).run(*dg.trace.run_args(inputs))
+        exact = is_exact(dg, dropped)
+    if reference is None:
+        reference = zeroed_reference(dg, dropped)
+    with torch.no_grad(), eval_mode(pruned):
         try:
             result = pruned(*inputs.args, **inputs.kwargs)
         except Exception as error:

@@ -17,6 +17,7 @@ class RuleContext:
     def __init__(self, root: nn.Module, model: nn.Module, state: ChannelState, labels: Dict[fx.Node, Label],
                  canonical: Dict[int, str]):
         self.root = root  # the traced GraphModule
+        self.modules = dict(root.named_modules())
         self.model = model  # the caller's model: module classes and attributes live here
         self.state = state
         self.labels = labels
@@ -67,7 +68,7 @@ class RuleContext:
 
     @property
     def module(self) -> nn.Module:
-        return self.root.get_submodule(self.node.target)
+        return self.modules[self.node.target]
 
     def tensor_inputs(self) -> list:
         found = []

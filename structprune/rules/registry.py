@@ -60,10 +60,10 @@ def _strip_inplace(name: str) -> str:
     return name[:-1] if name.endswith("_") and not name.endswith("__") else name
 
 
-def lookup(node: fx.Node, root: nn.Module) -> Optional[Callable]:
+def lookup(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Callable]:
     """Find the rule for an fx node (None: no rule, the node's channels get frozen)."""
     if node.op == "call_module":
-        return module_rule(root.get_submodule(node.target))
+        return module_rule(modules[node.target])
     if node.op == "call_method":
         return _NAME_RULES.get("." + _strip_inplace(node.target))
     if node.op == "call_function":
@@ -80,10 +80,10 @@ def lookup(node: fx.Node, root: nn.Module) -> Optional[Callable]:
     return None
 
 
-def op_name(node: fx.Node, root: nn.Module) -> str:
+def op_name(node: fx.Node, modules: Dict[str, nn.Module]) -> str:
     """A readable name of a node's operation, used in reports."""
     if node.op == "call_module":
-        return type(root.get_submodule(node.target)).__qualname__
+        return type(modules[node.target]).__qualname__
     if node.op == "call_method":
         return "Tensor." + node.target
     target = node.target

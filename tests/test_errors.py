@@ -1,0 +1,129 @@
+"""Bad input gets a specific error and leaves the caller's model bit-identical."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import structprune as sp
+import structprune.shrink as shrink_module
+from helpers import assert_unchanged, snapshot
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv2(torch.relu(self.bn(self.conv(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, math.nan, math.inf, "0.5", True, None])
+def test_bad_ratio(ratio):
+    model = Small()
+    snap = snapshot(model)
+    with pytest.raises(sp.InvalidRatioError, match="ratio"):
+        sp.slim(model, X, ratio)
+    with pytest.raises(ValueError):  # also a ValueError for generic handlers
+        sp.slim(model, X, ratio, inplace=True)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("not_a_model", [None, "resnet18", lambda x: x, torch.randn(3)])
+def test_not_a_module(not_a_model):
+    with pytest.raises(sp.InvalidModelError, match="nn.Module"):
+        sp.slim(not_a_model, X, 0.5)
+    with pytest.raises(TypeError):
+        sp.DependencyGraph(not_a_model, X)
+
+
+def test_example_input_of_wrong_type():
+    model = Small()
+    snap = snapshot(model)
+    with pytest.raises(sp.ExampleInputError, match="example_input must be"):
+        sp.slim(model, "an image", 0.5)
+    assert_unchanged(model, snap)
+
+
+def test_example_input_the_model_cannot_run():
+    model = Small()
+    snap = snapshot(model)
+    with pytest.raises(sp.ExampleInputError, match="cannot run on the example input") as info:
+        sp.slim(model, torch.randn(2, 5, 8, 8), 0.5, inplace=True)  # 5 channels, conv wants 3
+    assert "conv" in str(info.value)
+    assert_unchanged(model, snap)
+
+
+def test_missing_and_unknown_keyword_inputs():
+    model = Small()
+    with pytest.raises(sp.ExampleInputError, match="no argument"):
+        sp.slim(model, {"x": X, "bogus": X}, 0.5)
+    with pytest.raises(sp.ExampleInputError, match="does not provide"):
+        sp.slim(model, {}, 0.5)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:  # depends on values: neither fx nor export can capture it
+            return y * 2
+        return y
+
+
+def test_untraceable_model_names_both_tracers_and_the_line():
+    model = DataDependent()
+    snap = snapshot(model)
+    with pytest.raises(sp.TraceError) as info:
+        sp.slim(model, X, 0.5)
+    message = str(info.value)
+    assert "torch.fx" in message and "torch.export" in message
+    assert "test_errors.py" in message or "y.sum() > 0" in message or "data-dependent" in message.lower()
+    assert_unchanged(model, snap)
+
+
+def test_failure_midway_through_shrinking_rolls_back(monkeypatch):
+    model = Small().eval()
+    model.bn.running_mean.normal_()
+    snap = snapshot(model)
+    original = shrink_module._UPDATERS[nn.Linear]
+    calls = []
+
+    def exploding_updater(module, old):
+        calls.append(module)
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setitem(shrink_module._UPDATERS, nn.BatchNorm2d, exploding_updater)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        sp.slim(model, X, 0.5, inplace=True)
+    assert calls, "the injected failure must have happened mid-way"
+    assert_unchanged(model, snap)
+    assert shrink_module._UPDATERS[nn.Linear] is original
+
+
+def test_verification_failure_raises_and_rolls_back(monkeypatch):
+    model = Small().eval()
+    snap = snapshot(model)
+    import structprune.verify as verify_module
+    monkeypatch.setattr(verify_module, "RTOL", -1.0)  # any difference at all now counts as a mismatch
+    with pytest.raises(sp.VerificationError, match="Group|group"):
+        sp.slim(model, X, 0.5, inplace=True)
+    assert_unchanged(model, snap)
+
+
+def test_unknown_criterion():
+    with pytest.raises(ValueError, match="unknown criterion"):
+        sp.slim(Small(), X, 0.5, criterion="nonsense")
