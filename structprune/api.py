@@ -44,6 +44,7 @@ class SlimReport:
         if self.graph.unknown_ops:
             lines.append("ops without a rule (their channels were kept): "
                          + ", ".join(f"{k} x{v}" for k, v in self.graph.unknown_ops.items()))
+        lines.extend(self.graph.notes)
         if self.verification is not None:
             lines.append(str(self.verification))
         return "\n".join(lines)

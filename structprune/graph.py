@@ -6,6 +6,7 @@ cuts). ``DependencyGraph.graph`` is a networkx view of channel spaces and the op
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -20,7 +21,7 @@ from .rules import RuleContext, has_module_rule, lookup, op_name
 from .rules.context import unlabeled
 from .shapes import META_KEY, TensorMeta, propagate_shapes
 from .spaces import ChannelState, Label, Space, connected_components, has_labels
-from .trace import Inputs, Trace, capture, eval_mode
+from .trace import Inputs, Trace, capture, eval_mode, mode
 
 
 @dataclass
@@ -99,34 +100,56 @@ class DependencyGraph:
             raise InvalidModelError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         self.model = model
         self.inputs = Inputs.from_example(example_input)
+        self.state = ChannelState()
+        self.unknown_ops: Counter = Counter()
+        self.notes: List[str] = []
         self.trace: Trace = capture(model, self.inputs, has_module_rule)
         with eval_mode(model):
             propagate_shapes(self.trace.gm, self.trace.run_args(self.inputs))
-        self.state = ChannelState()
-        self.labels: Dict[fx.Node, Label] = {}
-        self.unknown_ops: Counter = Counter()
-        self._walk()
+        self.labels: Dict[fx.Node, Label] = self._walk(self.trace)
+        self._walk_training_branches()
         self._solve()
         self._graph: Optional[nx.Graph] = None
 
+    def _walk_training_branches(self) -> None:
+        """Also couple what only runs in training mode (auxiliary heads), so that pruning for
+        inference never breaks the model's training forward pass."""
+        used = _used_tensor_names(self.trace.gm)
+        idle = [name for name in named_tensors(self.model) if name not in used]
+        if not idle:
+            return
+        try:
+            trace = capture(self.model, self.inputs, has_module_rule, training=True)
+            with mode(self.model, True), preserved_state(self.model):
+                propagate_shapes(trace.gm, trace.run_args(self.inputs))
+        except Exception as error:  # the inference graph alone still yields a correct eval model
+            self.notes.append(f"training-mode forward could not be traced ({type(error).__name__}); "
+                              f"{len(idle)} tensors unused in eval mode were left alone")
+            return
+        self._walk(trace)
+
     # ----- label propagation ---------------------------------------------------------------------------
-    def _walk(self) -> None:
-        gm, state = self.trace.gm, self.state
+    def _walk(self, trace: Trace) -> Dict[fx.Node, Label]:
+        """Run every node's rule in order; return the label of every node."""
+        gm, state = trace.gm, self.state
+        tensors = named_tensors(self.model)
         canonical: Dict[int, str] = {}
-        for name, t in named_tensors(self.model).items():
+        for name, t in tensors.items():
             canonical.setdefault(id(t), name)  # a shared tensor is known by its first name
-        by_name = {name: canonical[id(t)] for name, t in named_tensors(self.model).items()}
-        ctx = RuleContext(gm, self.model, state, self.labels, canonical)
+        by_name = {name: canonical[id(t)] for name, t in tensors.items()}
+        labels: Dict[fx.Node, Label] = {}
+        ctx = RuleContext(gm, self.model, state, labels, canonical)
         for node in gm.graph.nodes:
             meta = node.meta.get(META_KEY)
             if node.op == "placeholder":
-                self.labels[node] = unlabeled(meta)
+                labels[node] = unlabeled(meta)
             elif node.op == "get_attr":
-                self.labels[node] = self._attr_label(node, meta, by_name)
+                labels[node] = self._attr_label(node, meta, by_name)
             elif node.op == "output":
                 state.freeze_label(ctx.label(node.args[0]), "reaches a model output")
             else:
-                self.labels[node] = self._apply_rule(ctx, node, meta)
+                labels[node] = self._apply_rule(ctx, node, meta)
+        return labels
 
     def _attr_label(self, node: fx.Node, meta: Any, by_name: Dict[str, str]) -> Label:
         name = by_name.get(node.target)
@@ -154,48 +177,57 @@ class DependencyGraph:
 
     # ----- solving the couplings -------------------------------------------------------------------------
     def _solve(self) -> None:
+        """Units = element classes under the unifications; groups = spaces linked by shared units.
+
+        Fully vectorised: one union-find over elements, one over (few) spaces, one ``np.unique``.
+        """
         state = self.state
-        n = state.n_elements
+        n, n_spaces = state.n_elements, len(state.spaces)
         a = np.concatenate([p[0] for p in state.pairs]) if state.pairs else np.empty(0, np.int64)
         b = np.concatenate([p[1] for p in state.pairs]) if state.pairs else np.empty(0, np.int64)
-        self.unit_root = connected_components(n, a, b)
-        starts = np.array([s.start for s in state.spaces], dtype=np.int64)
-        sizes = np.array([s.size for s in state.spaces], dtype=np.int64)
-        # positions inside one space belong to one group: link each element to its space's first
-        first = np.repeat(starts, sizes)
-        group_root = connected_components(n, np.concatenate([self.unit_root, first]),
-                                          np.concatenate([np.arange(n), np.arange(n)]))
-        self.group_root = group_root
+        unit_root = self.unit_root = connected_components(n, a, b)
+        sizes = np.array([sp.size for sp in state.spaces], dtype=np.int64)
+        element_space = np.repeat(np.arange(n_spaces), sizes)  # spaces own consecutive element ranges
+        # two spaces are in one group when an element of one shares a unit with an element of the other
+        links = np.unique(element_space * n_spaces + element_space[unit_root])
+        space_group = connected_components(n_spaces, links // n_spaces, links % n_spaces)
+        element_group = space_group[element_space]
+        self.group_root = element_group
 
         frozen = np.zeros(n, bool)
         reasons: Dict[int, str] = {}
         for arr, why in state.frozen:
-            roots = self.unit_root[arr]
+            roots = unit_root[arr]
             frozen[roots] = True
-            for r in np.unique(roots[:64]):
-                reasons.setdefault(int(r), why)
+            for r in np.unique(roots[:64]).tolist():
+                reasons.setdefault(r, why)
         self.frozen_unit_root = frozen  # indexed by unit root
-        inexact_groups = set()
-        for arr, _ in state.inexact:
-            inexact_groups.update(np.unique(group_root[arr]).tolist())
-        producer_groups = set()
-        for arr in state.producers:
-            producer_groups.update(np.unique(group_root[arr]).tolist())
+        inexact_groups = set(np.unique(element_group[np.concatenate([e for e, _ in state.inexact])]).tolist()) \
+            if state.inexact else set()
+        producer_groups = set(np.unique(element_group[np.concatenate(state.producers)]).tolist()) \
+            if state.producers else set()
+
+        # number units per group: sort (group, root) keys once for the whole model
+        keys, local = np.unique(element_group * n + unit_root, return_inverse=True)
+        key_group = keys // n
+        first_key = np.searchsorted(key_group, key_group)  # index of each group's first unit key
+        local = local - first_key[local]
+        counts = np.bincount(key_group, minlength=n_spaces)
 
         by_group: Dict[int, List[Space]] = {}
         for space in state.spaces:
-            by_group.setdefault(int(group_root[space.start]), []).append(space)
+            by_group.setdefault(int(space_group[space.id]), []).append(space)
         self.groups: List[Group] = []
-        for gid, (root, spaces) in enumerate(sorted(by_group.items(), key=lambda kv: kv[1][0].id)):
-            roots = [self.unit_root[s.start:s.start + s.size] for s in spaces]
-            units = np.unique(np.concatenate(roots))
-            index = [np.searchsorted(units, r) for r in roots]
+        for gid, (root, spaces) in enumerate(by_group.items()):
+            index = [local[sp.start:sp.start + sp.size] for sp in spaces]
+            lo = int(np.searchsorted(key_group, root))
+            units = keys[lo:lo + counts[root]] % n
             unit_frozen = frozen[units]
-            group_reasons = [reasons[int(u)] for u in units[unit_frozen][:8] if int(u) in reasons]
-            self.groups.append(Group(gid, spaces, index, len(units), unit_frozen, group_reasons, units,
+            group_reasons = [reasons[u] for u in units[unit_frozen][:8].tolist() if u in reasons]
+            self.groups.append(Group(gid, spaces, index, int(counts[root]), unit_frozen, group_reasons, units,
                                      root not in inexact_groups, root in producer_groups))
-            for s in spaces:
-                s.group = gid
+            for sp in spaces:
+                sp.group = gid
 
     # ----- inspection -----------------------------------------------------------------------------------
     @property
@@ -232,6 +264,32 @@ class DependencyGraph:
             ops = ", ".join(f"{k} x{v}" for k, v in self.unknown_ops.most_common())
             lines.append(f"ops without a rule (their channels are kept whole): {ops}")
         return "\n".join(lines)
+
+
+def _used_tensor_names(gm: fx.GraphModule) -> set:
+    """Names of the parameters/buffers a captured graph reads (directly or through a leaf module)."""
+    used = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            used.add(node.target)
+        elif node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            used.update(f"{node.target}.{name}" for name, _ in module.named_parameters())
+            used.update(f"{node.target}.{name}" for name, _ in module.named_buffers())
+    return used
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module):
+    """Undo what a training-mode forward pass changes: buffers (BatchNorm statistics) and the RNG."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
 
 
 def _has_tensor(meta: Any) -> bool:

@@ -7,10 +7,10 @@ values (ints, ``torch.Size``) as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Dict
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from .errors import ExampleInputError
 
@@ -56,21 +56,139 @@ class ShapeProp(fx.Interpreter):
         return result
 
 
+# ---- shape propagation on the meta device ---------------------------------------------------------------
+ShapeFunction = Callable[..., torch.Tensor]
+_SHAPE_FUNCTIONS: Dict[type, ShapeFunction] = {}
+
+
+def shape_function(*classes):
+    """Register ``fn(module, *args) -> meta tensor`` computing a module's output without running it."""
+
+    def register(fn: ShapeFunction) -> ShapeFunction:
+        for cls in classes:
+            _SHAPE_FUNCTIONS[cls] = fn
+        return fn
+
+    return register
+
+
+def _shape_function_for(module: nn.Module):
+    cls = type(module)
+    for base in cls.__mro__:
+        fn = _SHAPE_FUNCTIONS.get(base)
+        if fn is not None:
+            return fn if cls.forward is base.forward else None
+    return None
+
+
+# parameter-free modules that keep their input's shape (anything with parameters runs on meta
+# tensors instead, so that a mismatched input still raises)
+_SAME_SHAPE = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Tanhshrink, nn.Threshold,
+    nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Softmax, nn.LogSoftmax, nn.Softmin,
+    nn.modules.dropout._DropoutNd,
+)
+
+
+@shape_function(*_SAME_SHAPE)
+def _same_shape(module, x, *args, **kwargs):
+    return x
+
+
+def _checked_same_shape(fits: Callable[[nn.Module, torch.Tensor], bool]) -> ShapeFunction:
+    def shape(module, x):
+        if not fits(module, x):
+            raise RuntimeError(f"{type(module).__name__} does not fit its input")  # the real op explains
+        return x
+
+    return shape
+
+
+shape_function(nn.modules.batchnorm._BatchNorm)(
+    _checked_same_shape(lambda m, x: x.ndim >= 2 and x.shape[1] == m.num_features))
+shape_function(nn.LayerNorm)(
+    _checked_same_shape(lambda m, x: tuple(x.shape[x.ndim - len(m.normalized_shape):]) == tuple(m.normalized_shape)))
+shape_function(nn.GroupNorm)(_checked_same_shape(lambda m, x: x.ndim >= 2 and x.shape[1] == m.num_channels))
+shape_function(nn.PReLU)(
+    _checked_same_shape(lambda m, x: m.num_parameters == 1 or (x.ndim >= 2 and x.shape[1] == m.num_parameters)))
+
+
+@shape_function(nn.Linear)
+def _linear_shape(module, x):
+    if x.ndim == 0 or x.shape[-1] != module.in_features:
+        raise RuntimeError("linear layer does not fit its input")  # the real op raises the real error
+    return x.new_empty(x.shape[:-1] + (module.out_features,))
+
+
+@shape_function(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv_shape(module, x):
+    k = len(module.kernel_size)
+    if isinstance(module.padding, str):
+        padding = [0] * k if module.padding == "valid" else None
+    else:
+        padding = module.padding
+    spatial = []
+    for i, size in enumerate(x.shape[-k:]):
+        if padding is None:  # "same"
+            spatial.append(size)
+            continue
+        span = module.dilation[i] * (module.kernel_size[i] - 1) + 1
+        spatial.append((size + 2 * padding[i] - span) // module.stride[i] + 1)
+    if min(spatial) <= 0 or x.shape[-k - 1] != module.in_channels:
+        raise RuntimeError("convolution does not fit its input")  # let the real op raise its own error
+    return x.new_empty(tuple(x.shape[:-k - 1]) + (module.out_channels,) + tuple(spatial))
+
+
+@shape_function(nn.Flatten)
+def _flatten_shape(module, x):
+    return torch.flatten(x, module.start_dim, module.end_dim)
+
+
+class MetaShapeProp(ShapeProp):
+    """Shape propagation with meta tensors: no arithmetic, so its cost does not grow with the input.
+
+    Registered modules get their output shape from a formula; others run with their parameters
+    swapped for meta copies; functions run on meta tensors directly.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self._metas: Dict[int, torch.Tensor] = {}
+        self._modules = dict(gm.named_modules())
+
+    def _meta(self, t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.is_meta:
+            return t
+        found = self._metas.get(id(t))
+        if found is None:
+            found = self._metas[id(t)] = t.to("meta")
+        return found
+
+    def fetch_attr(self, target: str) -> Any:
+        return self._meta(super().fetch_attr(target))
+
+    def call_module(self, target, args, kwargs) -> Any:
+        module = self._modules[target]
+        fn = _shape_function_for(module)
+        if fn is not None and not (module._forward_hooks or module._forward_pre_hooks):
+            return fn(module, *args, **kwargs)
+        tensors = {name: self._meta(t) for name, t in
+                   list(module.named_parameters()) + list(module.named_buffers())}
+        return torch.func.functional_call(module, tensors, tuple(args), dict(kwargs))
+
+
 def propagate_shapes(gm: fx.GraphModule, args: list) -> None:
     """Fill ``node.meta[META_KEY]`` for every node of ``gm``.
 
-    A real forward pass (no autograd) is the fastest way on ordinary models; models whose tensors
-    live on the ``meta`` device (too big to materialise) are propagated under ``FakeTensorMode``.
+    Meta tensors first (constant cost, nothing materialised: fine for models too big for memory);
+    a real forward pass (no autograd) when an op needs real data or mixes devices.
     """
-    on_meta = any(t.is_meta for t in gm.parameters()) or any(
-        isinstance(a, torch.Tensor) and a.is_meta for a in args)
-    if not on_meta:
+    try:
         with torch.no_grad():
-            ShapeProp(gm).run(*args)
+            MetaShapeProp(gm).run(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
         return
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        with torch.no_grad():
-            ShapeProp(gm).run(*fake_args)
+    except Exception:
+        pass
+    with torch.no_grad():
+        ShapeProp(gm).run(*args)

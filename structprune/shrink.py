@@ -42,10 +42,9 @@ def _find_updater(module: nn.Module):
 @updater(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def _conv(m, old):
     w = m.weight
-    if m.groups > 1:  # whole groups were removed: groups shrink with the output channels
-        old_out = old["weight"][1] * m.groups if m.transposed else old["weight"][0]
-        new_out = w.shape[1] * m.groups if m.transposed else w.shape[0]
-        m.groups = m.groups * new_out // old_out if not m.transposed else m.groups
+    if m.groups > 1 and not m.transposed and old["weight"][1] == 1:
+        # depthwise: whole groups were removed, groups shrink with the output channels
+        m.groups = m.groups * w.shape[0] // old["weight"][0]
     if m.transposed:
         m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
     else:

@@ -75,15 +75,20 @@ class LeafTracer(fx.Tracer):
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Run with every submodule in eval mode, then restore each module's own flag."""
+def mode(model: nn.Module, training: bool):
+    """Run with every submodule in the given mode, then restore each module's own flag."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def eval_mode(model: nn.Module):
+    """Run with every submodule in eval mode, then restore each module's own flag."""
+    return mode(model, False)
 
 
 def _fx_trace(model: nn.Module, inputs: Inputs, is_rule_leaf) -> Trace:
@@ -118,9 +123,12 @@ def _export_trace(model: nn.Module, inputs: Inputs) -> Trace:
     return Trace(gm, "export", inputs, order)
 
 
-def capture(model: nn.Module, inputs: Inputs, is_rule_leaf) -> Trace:
-    """Trace ``model`` with fx, falling back to torch.export; raise TraceError naming both failures."""
-    with eval_mode(model):
+def capture(model: nn.Module, inputs: Inputs, is_rule_leaf, training: bool = False) -> Trace:
+    """Trace ``model`` (in eval mode unless ``training``) with fx, falling back to torch.export.
+
+    Raises TraceError naming both tracers' failures.
+    """
+    with mode(model, training):
         try:
             return _fx_trace(model, inputs, is_rule_leaf)
         except ExampleInputError:

@@ -121,15 +121,23 @@ class Depthwise(nn.Module):
         return self.out(self.bn(self.dw(self.pw(x))))
 
 
-@pytest.mark.parametrize("multiplier,groups", [(1, None), (2, None), (1, 4), (2, 2)])
-def test_grouped_and_depthwise_remove_whole_groups(multiplier, groups):
-    model = Depthwise(multiplier, groups).eval()
-    x = torch.randn(1, 3, 5, 5)
-    small, _ = slim_exact(model, x, 0.5)
-    g = groups or 8
-    assert small.dw.groups == g // 2
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_depthwise_removes_whole_groups(multiplier):
+    model = Depthwise(multiplier).eval()
+    small, _ = slim_exact(model, torch.randn(1, 3, 5, 5), 0.5)
+    assert small.dw.groups == 4 and small.dw.weight.shape[1] == 1
     assert small.dw.in_channels == small.pw.out_channels == 4
     assert small.dw.out_channels == small.bn.num_features == small.out.in_channels == 4 * multiplier
+
+
+@pytest.mark.parametrize("multiplier,groups", [(1, 4), (2, 2), (1, 2)])
+def test_grouped_conv_keeps_groups_and_narrows_each(multiplier, groups):
+    model = Depthwise(multiplier, groups).eval()
+    small, _ = slim_exact(model, torch.randn(1, 3, 5, 5), 0.5)
+    assert small.dw.groups == groups
+    assert small.dw.in_channels == small.pw.out_channels == 4
+    assert small.dw.out_channels == small.bn.num_features == small.out.in_channels == 4 * multiplier
+    assert small.dw.weight.shape[1] == 4 // groups  # every group lost the same input positions
 
 
 class Concat(nn.Module):

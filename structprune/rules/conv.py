@@ -1,9 +1,11 @@
 """Convolutions: plain, grouped/depthwise, and transposed; module and functional forms.
 
 A plain convolution consumes the input channel space with its weight's input dim and produces a
-fresh space owned by its output dim. A grouped convolution (depthwise included) ties group k's
-input channels and output channels into one unit, so whole groups are removed and ``groups``
-shrinks with them.
+fresh space owned by its output dim. A depthwise convolution ties group k's input channel and
+output channels into one unit, so whole groups are removed and ``groups`` shrinks with them. Any
+other grouped convolution keeps its groups and narrows each alike: channel j of every group
+(input side and output side separately) is one unit, which is what a weight of shape
+(out, in / groups, ...) can lose with a plain index_select.
 """
 from __future__ import annotations
 
@@ -14,6 +16,12 @@ from torch import nn
 from ..spaces import AxisLabel
 from .context import RuleContext
 from .registry import rule
+
+
+def _tie_positions(ctx: RuleContext, axis: np.ndarray, groups: int) -> None:
+    """Channel j of every group becomes one unit, so all groups keep the same width."""
+    blocks = axis.reshape(groups, -1)
+    ctx.unify(np.tile(blocks[0], groups - 1), blocks[1:].ravel())
 
 
 def convolution(ctx: RuleContext, x, w0: AxisLabel, w1: AxisLabel, bias: AxisLabel,
@@ -38,10 +46,15 @@ def convolution(ctx: RuleContext, x, w0: AxisLabel, w1: AxisLabel, bias: AxisLab
         return ctx.unlabeled_output()
     else:
         x_axis = x_label[cax] if x_label[cax] is not None else np.full(c_in, -1, np.int64)
-        blocks = np.concatenate([x_axis.reshape(groups, -1), w0.reshape(groups, -1)], axis=1)
-        anchors = np.repeat(blocks[:, :1], blocks.shape[1] - 1, axis=1)
-        ctx.unify(anchors.ravel(), blocks[:, 1:].ravel())
-        ctx.freeze(w1, "per-group input positions of a grouped convolution")
+        if c_in == groups:  # depthwise (with or without a channel multiplier): remove whole groups
+            blocks = np.concatenate([x_axis.reshape(groups, -1), w0.reshape(groups, -1)], axis=1)
+            anchors = np.repeat(blocks[:, :1], blocks.shape[1] - 1, axis=1)
+            ctx.unify(anchors.ravel(), blocks[:, 1:].ravel())
+            ctx.freeze(w1, "the single input position of a depthwise convolution")
+        else:  # keep the groups, shrink every group alike: position j of each group is one unit
+            _tie_positions(ctx, x_axis, groups)
+            _tie_positions(ctx, w0, groups)
+            ctx.unify(w1, x_axis[:c_in // groups], c_in // groups)
         out_axis = w0
     out[cax] = out_axis
     ctx.attach(bias, out_axis)

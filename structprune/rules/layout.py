@@ -305,6 +305,14 @@ def unbind(ctx: RuleContext, node):
     return [rest for _ in ctx.out]
 
 
+@rule("namedtuple")
+def namedtuple(ctx: RuleContext, node):
+    """Building an output container: each field keeps its own label."""
+    fields = list(node.target._fields)
+    values = list(node.args) + [node.kwargs[f] for f in fields[len(node.args):] if f in node.kwargs]
+    return [ctx.label(v) for v in values]
+
+
 # ---- indexing ----------------------------------------------------------------------------------------------
 @rule(operator.getitem)
 def getitem(ctx: RuleContext, node):

@@ -73,6 +73,8 @@ def lookup(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Callable]:
             return _NAME_RULES.get("aten." + name) or _NAME_RULES.get("aten." + _strip_inplace(name))
         if isinstance(target, torch._ops.OpOverloadPacket):
             return _NAME_RULES.get("aten." + _strip_inplace(target.__name__))
+        if isinstance(target, type) and issubclass(target, tuple) and hasattr(target, "_fields"):
+            return _NAME_RULES.get("namedtuple")  # output containers such as GoogLeNetOutputs
         try:
             return _CALLABLE_RULES.get(target)
         except TypeError:  # unhashable target

@@ -1,0 +1,74 @@
+"""A deep copy of a module tree that is much faster than ``copy.deepcopy``.
+
+``copy.deepcopy`` walks every module through the generic pickle protocol (``__reduce_ex__``), which
+dominates the cost of copying a network with hundreds of small layers. Here each plain module is
+rebuilt directly: child modules recursively, parameters and buffers cloned (or taken from ``memo``,
+which is how already-pruned tensors are slotted in), immutable attributes shared, and everything
+else handed to ``copy.deepcopy`` with the same ``memo``, so sharing and independence are exactly
+those of a deep copy. Modules that customise copying or pickling are copied with ``deepcopy``.
+"""
+from __future__ import annotations
+
+import copy
+import types
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device, torch.Size, range,
+              type, types.FunctionType, types.BuiltinFunctionType, torch.memory_format, torch.layout)
+
+
+def _customises_copy(cls: type) -> bool:
+    return (getattr(cls, "__deepcopy__", None) is not None or cls.__reduce_ex__ is not object.__reduce_ex__
+            or cls.__reduce__ is not object.__reduce__ or cls.__setstate__ is not nn.Module.__setstate__
+            or getattr(cls, "__getstate__", object.__getstate__) is not object.__getstate__)
+
+
+def _copy_tensor(t: Any, memo: Dict[int, Any]) -> Any:
+    if t is None:
+        return None
+    found = memo.get(id(t))
+    if found is not None:
+        return found
+    if type(t) is nn.Parameter:
+        new = nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+    elif type(t) is torch.Tensor and not t.requires_grad:
+        new = t.clone()
+    else:
+        new = copy.deepcopy(t, memo)
+    memo[id(t)] = new
+    return new
+
+
+def _is_immutable(value: Any) -> bool:
+    if type(value) in _IMMUTABLE:
+        return True
+    return type(value) is tuple and all(type(v) in _IMMUTABLE for v in value)
+
+
+def deep_copy_module(module: nn.Module, memo: Dict[int, Any] = None) -> nn.Module:
+    """Equivalent to ``copy.deepcopy(module, memo)``, several times faster on large module trees."""
+    memo = {} if memo is None else memo
+    found = memo.get(id(module))
+    if found is not None:
+        return found
+    cls = type(module)
+    if _customises_copy(cls):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = {}
+    for key, value in module.__dict__.items():
+        if key == "_modules":
+            state[key] = type(value)((name, None if child is None else deep_copy_module(child, memo))
+                                     for name, child in value.items())
+        elif key in ("_parameters", "_buffers"):
+            state[key] = type(value)((name, _copy_tensor(t, memo)) for name, t in value.items())
+        elif _is_immutable(value):
+            state[key] = value
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__dict__.update(state)
+    return new
