@@ -39,6 +39,7 @@ class Group:
     frozen_units: np.ndarray  # bool per unit
     frozen_reasons: List[str]
     unit_roots: np.ndarray  # element id representing each unit
+    unit_origin: np.ndarray  # per unit: index (into spaces) of the layer output that produces it, -1 if none
     exact: bool  # every op touching these channels is per-channel: verification is exact
     has_producer: bool
 
@@ -204,8 +205,10 @@ class DependencyGraph:
         self.frozen_unit_root = frozen  # indexed by unit root
         inexact_groups = set(np.unique(element_group[np.concatenate([e for e, _ in state.inexact])]).tolist()) \
             if state.inexact else set()
-        producer_groups = set(np.unique(element_group[np.concatenate(state.producers)]).tolist()) \
-            if state.producers else set()
+        producer_elements = np.concatenate(state.producers) if state.producers else np.empty(0, np.int64)
+        producer_groups = set(np.unique(element_group[producer_elements]).tolist())
+        is_producer = np.zeros(n, bool)
+        is_producer[producer_elements] = True
 
         # number units per group: sort (group, root) keys once for the whole model
         keys, local = np.unique(element_group * n + unit_root, return_inverse=True)
@@ -224,8 +227,12 @@ class DependencyGraph:
             units = keys[lo:lo + counts[root]] % n
             unit_frozen = frozen[units]
             group_reasons = [reasons[u] for u in units[unit_frozen][:8].tolist() if u in reasons]
+            origin = np.full(int(counts[root]), -1, np.int64)
+            for k in range(len(spaces) - 1, -1, -1):  # the first producing space wins
+                if is_producer[spaces[k].start]:
+                    origin[index[k]] = k
             self.groups.append(Group(gid, spaces, index, int(counts[root]), unit_frozen, group_reasons, units,
-                                     root not in inexact_groups, root in producer_groups))
+                                     origin, root not in inexact_groups, root in producer_groups))
             for sp in spaces:
                 sp.group = gid
 

@@ -42,25 +42,32 @@ def _keep_every_space_alive(group: Group, drop: np.ndarray, scores: np.ndarray) 
 
 
 def plan_uniform(dg: DependencyGraph, model: nn.Module, ratio: float, criterion: Criterion) -> Plan:
-    """Drop ``floor(ratio * prunable units)`` of the lowest-scoring units of every group (local scope).
+    """Drop ``floor(ratio * prunable units)`` of the lowest-scoring units of every layer (local scope).
 
-    Frozen units (coupled to a model output, an unknown op, a constant shape) are kept and do not
-    count towards the ratio, so every layer that can shrink shrinks by ``ratio``.
+    Within a group, units are counted per producing layer (a concatenation joins several layers in
+    one group; each of them loses ``ratio`` of its own channels). Frozen units (coupled to a model
+    output, an unknown op, a constant shape) are kept and do not count towards the ratio.
     """
     plan = Plan()
     clear_cache()
     try:
         for group in dg.prunable_groups:
             candidates = np.flatnonzero(~group.frozen_units)
-            n_drop = min(math.floor(ratio * len(candidates) + 1e-9), group.n_units - 1)
-            if n_drop <= 0:
+            if math.floor(ratio * len(candidates) + 1e-9) <= 0:
                 continue
             scores = np.asarray(criterion(group, model), dtype=np.float64)
             if scores.shape != (group.n_units,):
                 raise ValueError(f"criterion returned shape {scores.shape} for group {group.id} with "
                                  f"{group.n_units} units")
-            order = candidates[np.argsort(scores[candidates], kind="stable")]
-            drop = _keep_every_space_alive(group, order[:n_drop], scores)
+            chosen = []
+            for origin in np.unique(group.unit_origin[candidates]):
+                layer = candidates[group.unit_origin[candidates] == origin]
+                n_drop = math.floor(ratio * len(layer) + 1e-9)
+                chosen.append(layer[np.argsort(scores[layer], kind="stable")[:n_drop]])
+            drop = np.concatenate(chosen)
+            if len(drop) >= group.n_units:
+                drop = drop[np.argsort(scores[drop], kind="stable")[:group.n_units - 1]]
+            drop = _keep_every_space_alive(group, drop, scores)
             if drop.size:
                 plan.drops[group.id] = drop
     finally:
