@@ -101,12 +101,13 @@ class DependencyGraph:
             raise InvalidModelError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         self.model = model
         self.inputs = Inputs.from_example(example_input)
+        self.tensors = named_tensors(model)
         self.state = ChannelState()
         self.unknown_ops: Counter = Counter()
         self.notes: List[str] = []
         self.trace: Trace = capture(model, self.inputs, has_module_rule)
         with eval_mode(model):
-            propagate_shapes(self.trace.gm, self.trace.run_args(self.inputs))
+            propagate_shapes(self.trace, self.trace.run_args(self.inputs))
         self.labels: Dict[fx.Node, Label] = self._walk(self.trace)
         self._walk_training_branches()
         self._solve()
@@ -115,14 +116,13 @@ class DependencyGraph:
     def _walk_training_branches(self) -> None:
         """Also couple what only runs in training mode (auxiliary heads), so that pruning for
         inference never breaks the model's training forward pass."""
-        used = _used_tensor_names(self.trace.gm)
-        idle = [name for name in named_tensors(self.model) if name not in used]
+        idle = _idle_tensor_names(self.trace, self.tensors)
         if not idle:
             return
         try:
             trace = capture(self.model, self.inputs, has_module_rule, training=True)
             with mode(self.model, True), preserved_state(self.model):
-                propagate_shapes(trace.gm, trace.run_args(self.inputs))
+                propagate_shapes(trace, trace.run_args(self.inputs))
         except Exception as error:  # the inference graph alone still yields a correct eval model
             self.notes.append(f"training-mode forward could not be traced ({type(error).__name__}); "
                               f"{len(idle)} tensors unused in eval mode were left alone")
@@ -132,15 +132,14 @@ class DependencyGraph:
     # ----- label propagation ---------------------------------------------------------------------------
     def _walk(self, trace: Trace) -> Dict[fx.Node, Label]:
         """Run every node's rule in order; return the label of every node."""
-        gm, state = trace.gm, self.state
-        tensors = named_tensors(self.model)
+        state, tensors = self.state, self.tensors
         canonical: Dict[int, str] = {}
         for name, t in tensors.items():
             canonical.setdefault(id(t), name)  # a shared tensor is known by its first name
         by_name = {name: canonical[id(t)] for name, t in tensors.items()}
         labels: Dict[fx.Node, Label] = {}
-        ctx = RuleContext(gm, self.model, state, labels, canonical)
-        for node in gm.graph.nodes:
+        ctx = RuleContext(trace.module, self.model, state, labels, canonical)
+        for node in trace.graph.nodes:
             meta = node.meta.get(META_KEY)
             if node.op == "placeholder":
                 labels[node] = unlabeled(meta)
@@ -273,17 +272,22 @@ class DependencyGraph:
         return "\n".join(lines)
 
 
-def _used_tensor_names(gm: fx.GraphModule) -> set:
-    """Names of the parameters/buffers a captured graph reads (directly or through a leaf module)."""
-    used = set()
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            used.add(node.target)
-        elif node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            used.update(f"{node.target}.{name}" for name, _ in module.named_parameters())
-            used.update(f"{node.target}.{name}" for name, _ in module.named_buffers())
-    return used
+def _idle_tensor_names(trace: Trace, tensors: Dict[str, torch.Tensor]) -> List[str]:
+    """Parameters/buffers the captured graph never reads, directly or through a leaf module."""
+    read = {n.target for n in trace.graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in trace.graph.nodes if n.op == "call_module"}
+
+    def used(name: str) -> bool:
+        if name in read:
+            return True
+        path = name.rpartition(".")[0]
+        while path:
+            if path in called:
+                return True
+            path = path.rpartition(".")[0]
+        return "" in called
+
+    return [name for name in tensors if not used(name)]
 
 
 @contextlib.contextmanager

@@ -152,10 +152,10 @@ class MetaShapeProp(ShapeProp):
     swapped for meta copies; functions run on meta tensors directly.
     """
 
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
+    def __init__(self, module: nn.Module, graph: fx.Graph):
+        super().__init__(module, graph=graph)
         self._metas: Dict[int, torch.Tensor] = {}
-        self._modules = dict(gm.named_modules())
+        self._modules = dict(module.named_modules())
 
     def _meta(self, t: Any) -> Any:
         if not isinstance(t, torch.Tensor) or t.is_meta:
@@ -178,17 +178,18 @@ class MetaShapeProp(ShapeProp):
         return torch.func.functional_call(module, tensors, tuple(args), dict(kwargs))
 
 
-def propagate_shapes(gm: fx.GraphModule, args: list) -> None:
-    """Fill ``node.meta[META_KEY]`` for every node of ``gm``.
+def propagate_shapes(trace, args: list) -> None:
+    """Fill ``node.meta[META_KEY]`` for every node of a captured graph (a ``trace.Trace``).
 
     Meta tensors first (constant cost, nothing materialised: fine for models too big for memory);
     a real forward pass (no autograd) when an op needs real data or mixes devices.
     """
     try:
         with torch.no_grad():
-            MetaShapeProp(gm).run(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+            MetaShapeProp(trace.module, trace.graph).run(
+                *[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
         return
     except Exception:
         pass
     with torch.no_grad():
-        ShapeProp(gm).run(*args)
+        ShapeProp(trace.module, graph=trace.graph).run(*args)

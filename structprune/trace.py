@@ -47,10 +47,16 @@ class Inputs:
 class Trace:
     """A captured graph plus how it was captured."""
 
-    gm: fx.GraphModule
+    module: nn.Module  # resolves the graph's get_attr / call_module targets
+    graph: fx.Graph
     tracer: str  # "fx" or "export"
     inputs: Inputs
-    placeholders_order: Tuple[str, ...]  # how to feed `inputs` to gm positionally
+    placeholders_order: Tuple[str, ...]  # how to feed `inputs` to the graph positionally
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        """The captured graph as a runnable ``GraphModule`` (built on demand: code generation costs)."""
+        return self.module if isinstance(self.module, fx.GraphModule) else fx.GraphModule(self.module, self.graph)
 
     def run_args(self, inputs: Inputs) -> list:
         values = dict(zip(self._positional_names(), inputs.args))
@@ -106,10 +112,8 @@ def _fx_trace(model: nn.Module, inputs: Inputs, is_rule_leaf) -> Trace:
         raise ExampleInputError(f"the example input does not provide forward() argument(s) {missing}")
     tracer = LeafTracer(is_rule_leaf)
     graph = tracer.trace(model, concrete_args=concrete or None)
-    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    order = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
-    order = tuple(t for t in order if t in given)
-    return Trace(gm, "fx", inputs, order)
+    order = tuple(n.target for n in graph.nodes if n.op == "placeholder" and n.target in given)
+    return Trace(tracer.root, graph, "fx", inputs, order)
 
 
 def _export_trace(model: nn.Module, inputs: Inputs) -> Trace:
@@ -120,7 +124,7 @@ def _export_trace(model: nn.Module, inputs: Inputs) -> Trace:
     # the unlifted module takes the original forward() signature positionally-or-by-keyword
     placeholder_names = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
     order = tuple(names) if len(names) == len(placeholder_names) else placeholder_names
-    return Trace(gm, "export", inputs, order)
+    return Trace(gm, gm.graph, "export", inputs, order)
 
 
 def capture(model: nn.Module, inputs: Inputs, is_rule_leaf, training: bool = False) -> Trace:

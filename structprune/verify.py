@@ -55,8 +55,8 @@ def _zero_dropped(value: Any, label: Label, dropped: np.ndarray) -> Any:
 class ZeroingInterpreter(fx.Interpreter):
     """Run the captured original graph, zeroing every dropped channel in every labelled tensor."""
 
-    def __init__(self, gm: fx.GraphModule, labels: Dict[fx.Node, Label], dropped: np.ndarray):
-        super().__init__(gm)
+    def __init__(self, module: nn.Module, graph: fx.Graph, labels: Dict[fx.Node, Label], dropped: np.ndarray):
+        super().__init__(module, graph=graph)
         self._labels = labels
         self._dropped = dropped
 
@@ -80,7 +80,8 @@ def zeroed_reference(dg: DependencyGraph, dropped: np.ndarray) -> Any:
     """Outputs of the original model with every dropped channel zeroed (run before shrinking, since an
     in-place shrink changes the very modules the captured graph calls)."""
     with torch.no_grad(), eval_mode(dg.model):
-        return ZeroingInterpreter(dg.trace.gm, dg.labels, dropped).run(*dg.trace.run_args(dg.inputs))
+        return ZeroingInterpreter(dg.trace.module, dg.trace.graph, dg.labels, dropped).run(
+            *dg.trace.run_args(dg.inputs))
 
 
 def is_exact(dg: DependencyGraph, dropped: np.ndarray) -> bool:

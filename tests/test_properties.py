@@ -21,6 +21,7 @@ import copy
 from collections import defaultdict
 
 import pytest
+import numpy as np
 import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, event, given, note, settings
@@ -96,9 +97,15 @@ def _run(model, x):
 
 
 def _cuttable(model, x, ratio) -> bool:
-    """True when some prunable group must lose >= 1 unit at this ratio (floor rounding)."""
-    groups = sp.DependencyGraph(model, x).groups
-    return any(g.prunable and int(ratio * g.size) >= 1 for g in groups)
+    """True when some producing layer of a prunable group must lose >= 1 of its unfrozen units
+    (the planner applies ``floor(ratio * n)`` per layer)."""
+    for g in sp.DependencyGraph(model, x).groups:
+        if not g.prunable:
+            continue
+        origins = g.unit_origin[~g.frozen_units]
+        if any(int(ratio * np.sum(origins == o) + 1e-9) >= 1 for o in np.unique(origins)):
+            return True
+    return False
 
 
 _ATTRS = ("in_channels", "out_channels", "groups", "num_features", "num_groups", "num_channels",
