@@ -9,6 +9,7 @@ those of a deep copy. Modules that customise copying or pickling are copied with
 """
 from __future__ import annotations
 
+import collections
 import copy
 import types
 from typing import Any, Dict
@@ -20,10 +21,19 @@ _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), torch.dtype, to
               type, types.FunctionType, types.BuiltinFunctionType, torch.memory_format, torch.layout)
 
 
+_CONTAINERS = (dict, list, set, collections.OrderedDict)
+
+
 def _customises_copy(cls: type) -> bool:
-    return (getattr(cls, "__deepcopy__", None) is not None or cls.__reduce_ex__ is not object.__reduce_ex__
-            or cls.__reduce__ is not object.__reduce__ or cls.__setstate__ is not nn.Module.__setstate__
-            or getattr(cls, "__getstate__", object.__getstate__) is not object.__getstate__)
+    """Does the class change how it is copied or pickled (beyond torch's own compatibility hooks)?"""
+    if getattr(cls, "__deepcopy__", None) is not None or cls.__reduce_ex__ is not object.__reduce_ex__ \
+            or cls.__reduce__ is not object.__reduce__:
+        return True
+    for name in ("__getstate__", "__setstate__"):
+        owner = next((base for base in cls.__mro__ if name in vars(base)), object)
+        if owner is not object and not owner.__module__.startswith("torch."):
+            return True
+    return False
 
 
 def _copy_tensor(t: Any, memo: Dict[int, Any]) -> Any:
@@ -68,6 +78,8 @@ def deep_copy_module(module: nn.Module, memo: Dict[int, Any] = None) -> nn.Modul
             state[key] = type(value)((name, _copy_tensor(t, memo)) for name, t in value.items())
         elif _is_immutable(value):
             state[key] = value
+        elif type(value) in _CONTAINERS and not value:  # the many empty hook dicts of every module
+            state[key] = type(value)()
         else:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)

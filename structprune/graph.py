@@ -189,8 +189,7 @@ class DependencyGraph:
         sizes = np.array([sp.size for sp in state.spaces], dtype=np.int64)
         element_space = np.repeat(np.arange(n_spaces), sizes)  # spaces own consecutive element ranges
         # two spaces are in one group when an element of one shares a unit with an element of the other
-        links = np.unique(element_space * n_spaces + element_space[unit_root])
-        space_group = connected_components(n_spaces, links // n_spaces, links % n_spaces)
+        space_group = connected_components(n_spaces, element_space, element_space[unit_root])
         element_group = space_group[element_space]
         self.group_root = element_group
 
@@ -209,12 +208,17 @@ class DependencyGraph:
         is_producer = np.zeros(n, bool)
         is_producer[producer_elements] = True
 
-        # number units per group: sort (group, root) keys once for the whole model
-        keys, local = np.unique(element_group * n + unit_root, return_inverse=True)
-        key_group = keys // n
-        first_key = np.searchsorted(key_group, key_group)  # index of each group's first unit key
-        local = local - first_key[local]
-        counts = np.bincount(key_group, minlength=n_spaces)
+        # number the units of every group 0..k-1: order the roots by group (stable keeps them ascending)
+        roots = np.flatnonzero(unit_root == np.arange(n))
+        order = np.argsort(element_group[roots], kind="stable")
+        sorted_groups = element_group[roots][order]
+        first = np.searchsorted(sorted_groups, sorted_groups)
+        local_of_root = np.empty(len(roots), np.int64)
+        local_of_root[order] = np.arange(len(roots)) - first
+        position = np.empty(n, np.int64)
+        position[roots] = np.arange(len(roots))
+        local = local_of_root[position[unit_root]]
+        counts = np.bincount(sorted_groups, minlength=n_spaces)
 
         by_group: Dict[int, List[Space]] = {}
         for space in state.spaces:
@@ -222,8 +226,8 @@ class DependencyGraph:
         self.groups: List[Group] = []
         for gid, (root, spaces) in enumerate(by_group.items()):
             index = [local[sp.start:sp.start + sp.size] for sp in spaces]
-            lo = int(np.searchsorted(key_group, root))
-            units = keys[lo:lo + counts[root]] % n
+            lo = int(np.searchsorted(sorted_groups, root))
+            units = roots[order[lo:lo + counts[root]]]
             unit_frozen = frozen[units]
             group_reasons = [reasons[u] for u in units[unit_frozen][:8].tolist() if u in reasons]
             origin = np.full(int(counts[root]), -1, np.int64)

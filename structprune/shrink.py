@@ -8,13 +8,13 @@ Register an updater for a new layer type with :func:`updater`.
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from .copying import deep_copy_module
 from .graph import DependencyGraph
 
 Updater = Callable[[nn.Module, Dict[str, tuple]], None]
@@ -142,7 +142,7 @@ def shrunk_copy(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> n
             for slot, t in getattr(module, kind).items():
                 if t is not None and id(t) in replacements:
                     originals[id(replacements[id(t)])] = tuple(t.shape)
-    copy_ = copy.deepcopy(model, memo=dict(replacements))
+    copy_ = deep_copy_module(model, memo=dict(replacements))
     touched: Dict[nn.Module, Dict[str, tuple]] = {}
     for module in copy_.modules():
         for kind in ("_parameters", "_buffers"):
