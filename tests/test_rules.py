@@ -425,3 +425,41 @@ def test_dependency_graph_inspection():
     assert "a.weight" in neighbours or "b.weight" in neighbours
     import networkx as nx
     assert nx.number_connected_components(g) == len(dg.groups)
+
+
+class TensorSplit(nn.Module):
+    def __init__(self, by_count: bool):
+        super().__init__()
+        self.by_count = by_count
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.out = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        a, b = torch.tensor_split(self.stem(x), 2 if self.by_count else [4], dim=1)
+        return self.out(a * b)
+
+
+@pytest.mark.parametrize("by_count", [True, False])
+def test_tensor_split_by_count_ties_and_by_index_freezes(by_count):
+    small, report = sp.slim_with_report(TensorSplit(by_count), torch.randn(1, 3, 4, 4), 0.5)
+    assert report.verification.passed and report.verification.exact
+    assert small.stem.out_channels == (4 if by_count else 8)
+
+
+class Reductions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        gate = self.a(x).sum(dim=1, keepdim=True)  # across channels: a's channels are frozen
+        y = torch.softmax(self.b(x), dim=1) * gate  # softmax over channels: approximate
+        return self.head(y.amax(dim=(2, 3)))
+
+
+def test_cross_channel_reductions_freeze_and_softmax_is_approximate():
+    small, report = sp.slim_with_report(Reductions(), torch.randn(2, 3, 4, 4), 0.5)
+    assert small.a.out_channels == 8 and small.b.out_channels == 4
+    assert report.verification.passed and not report.verification.exact

@@ -275,16 +275,15 @@ def _pieces(ctx: RuleContext, x, dim: int, sizes: Sequence[int], dynamic: bool):
     return results
 
 
-def _piece_sizes(ctx: RuleContext) -> list:
-    return [m.shape for m in ctx.out]
-
-
 @rule(torch.chunk, ".chunk", "aten.chunk", torch.tensor_split, ".tensor_split")
 def chunk(ctx: RuleContext, node):
     x = ctx.arg(0)
     dim = norm_dim(ctx.arg(2, "dim", 0), ctx.meta(x).ndim)
     sizes = [m.shape[dim] for m in ctx.out]
-    return _pieces(ctx, x, dim, sizes, dynamic=node.target in (torch.chunk, "chunk") or "chunk" in str(node.target))
+    # chunk(n) and tensor_split(n) cut by a count that follows the pruned size; tensor_split with
+    # explicit indices cuts at constants
+    dynamic = "chunk" in str(node.target) or isinstance(ctx.arg(1, "sections"), int)
+    return _pieces(ctx, x, dim, sizes, dynamic=dynamic)
 
 
 @rule(torch.split, ".split", "aten.split", "aten.split_with_sizes")
