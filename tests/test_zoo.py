@@ -20,7 +20,7 @@ import structprune as sp  # noqa: E402
 
 MODELS = torchvision.models.list_models(module=torchvision.models)
 FIXED_SIDE = {"vit_": 224, "maxvit_t": 224}  # these models only accept one resolution
-MIN_SIDE = {"inception_v3": 96}
+MIN_SIDE = {"inception_v3": 299}  # its training-only auxiliary head needs the full resolution
 ATTENTION = ("vit_", "swin_", "maxvit_")
 BIG = 60_000_000  # parameters: anything larger is marked slow (still part of the default run)
 TP_REMOVED = {k: v for k, v in json.loads((Path(__file__).parent / "data" / "torch_pruning_removed.json").read_text()).items()
@@ -48,6 +48,12 @@ def _case(name: str):
     return pytest.param(name, marks=marks, id=name)
 
 
+def _shapes(output) -> list:
+    if isinstance(output, torch.Tensor):
+        return [tuple(output.shape)]
+    return [shape for item in output for shape in _shapes(item)]
+
+
 def _mlp_hidden_widths(model: nn.Module) -> dict:
     """out_features of every expanding Linear inside an MLP block (the MLP's hidden width)."""
     return {n: m.out_features for n, m in model.named_modules()
@@ -71,6 +77,9 @@ def test_torchvision_model_prunes_and_verifies(name):
         assert small(x).shape == expected.shape
         x2 = torch.randn(2, 3, side, side)
         assert small(x2).shape == (2,) + tuple(expected.shape[1:])
+        # training mode runs branches eval mode skips (auxiliary heads): they must still fit
+        model.train(), small.train()
+        assert _shapes(small(x2)) == _shapes(model(x2))
     if name.startswith(ATTENTION):
         before = _mlp_hidden_widths(model)
         after = {n: m.out_features for n, m in small.named_modules() if n in before}
