@@ -6,15 +6,16 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
+import numpy as np
 from torch import nn
 
 from .criteria import Criterion, get_criterion
-from .errors import InvalidModelError, InvalidRatioError, VerificationError
+from .errors import InvalidModelError, InvalidRatioError, StructPruneError, VerificationError
 from .graph import DependencyGraph
 from .metrics import count_parameters
 from .plan import Plan, plan_uniform
 from .shrink import rollback, shrink, shrunk_copy
-from .verify import VerificationResult, verify as verify_pruned, zeroed_reference
+from .verify import VerificationResult, is_exact, verify as verify_pruned, zeroed_reference
 
 
 @dataclass
@@ -68,25 +69,23 @@ def slim_with_report(model: nn.Module, example_input: Any, ratio: float = 0.5, *
     ratio = _check_ratio(ratio)
     score = get_criterion(criterion)
     dg = DependencyGraph(model, example_input)
+    _check_materialised(model, criterion, verify)
     plan = plan_uniform(dg, model, ratio, score)
     dropped = plan.element_mask(dg)
     params_before = count_parameters(model)
-    result = None
+    exact_part = _verify_exact_part(dg, model, plan, dropped) if verify else None
     reference = zeroed_reference(dg, dropped) if verify else None
+    result = None
     if inplace:
         target = model
         with rollback(target):
             shrink(target, dg, dropped)
             if verify:
-                result = verify_pruned(dg, target, dropped, reference)
-                if not result.passed:
-                    raise VerificationError(_explain_failure(dg, plan, result))
+                result = _checked(dg, plan, target, dropped, reference, exact_part)
     else:
         target = shrunk_copy(model, dg, dropped)
         if verify:
-            result = verify_pruned(dg, target, dropped, reference)
-            if not result.passed:
-                raise VerificationError(_explain_failure(dg, plan, result))
+            result = _checked(dg, plan, target, dropped, reference, exact_part)
     report = SlimReport(dg, plan, params_before, count_parameters(target), result,
                         {gid: (dg.groups[gid].n_units, dg.groups[gid].n_units - len(units))
                          for gid, units in plan.drops.items()})
@@ -114,7 +113,45 @@ def slim(model: nn.Module, example_input: Any, ratio: float = 0.5, *,
     return slim_with_report(model, example_input, ratio, criterion=criterion, verify=verify, inplace=inplace)[0]
 
 
+def _verify_exact_part(dg: DependencyGraph, model: nn.Module, plan: Plan,
+                       dropped: np.ndarray) -> Optional[VerificationResult]:
+    """When some pruned channels meet channel-mixing ops (LayerNorm, softmax), the full result can
+    only be checked for shapes and finiteness. Prune the other channels alone on a copy and check
+    those value for value, so a mistake outside the mixing ops cannot hide behind them."""
+    if is_exact(dg, dropped):
+        return None
+    subset = dropped & dg.exact_elements
+    if not subset.any():
+        return None
+    result = verify_pruned(dg, shrunk_copy(model, dg, subset), subset, zeroed_reference(dg, subset), exact=True)
+    if not result.passed:
+        raise VerificationError(_explain_failure(dg, plan, result))
+    return result
+
+
+def _checked(dg: DependencyGraph, plan: Plan, pruned: nn.Module, dropped: np.ndarray, reference: Any,
+             exact_part: Optional[VerificationResult]) -> VerificationResult:
+    result = verify_pruned(dg, pruned, dropped, reference)
+    if not result.passed:
+        raise VerificationError(_explain_failure(dg, plan, result))
+    if exact_part is not None:
+        result.message += (f"; the channels outside channel-mixing ops, pruned alone, match the zeroed "
+                           f"original exactly (relative error {exact_part.max_abs_error:.2g})")
+    return result
+
+
+def _check_materialised(model: nn.Module, criterion: Any, verify: bool) -> None:
+    """Weights on the meta device can be planned but neither scored by magnitude nor run."""
+    if not any(t.is_meta for t in model.parameters()):
+        return
+    if verify or criterion in ("l1", "l2"):
+        raise StructPruneError(
+            "the model's weights are on the meta device: magnitude criteria and verification need real "
+            "values. Load the weights first, or plan with criterion='random' (or your own scores) and "
+            "verify=False.")
+
+
 def _explain_failure(dg: DependencyGraph, plan: Plan, result: VerificationResult) -> str:
     groups = ", ".join(f"{gid} ({dg.groups[gid].spaces[0]})" for gid in list(plan.drops)[:5])
-    return (f"pruning broke the model: {result.message}. Groups pruned include {groups}. The model was left "
-            f"untouched; please report this with the model definition (slim(..., verify=False) skips the check).")
+    return (f"pruning broke the model: {result.message}. Groups pruned include {groups}. Your model was left "
+            f"unchanged; please report this with the model definition (slim(..., verify=False) skips the check).")

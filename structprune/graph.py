@@ -203,6 +203,8 @@ class DependencyGraph:
         self.frozen_unit_root = frozen  # indexed by unit root
         inexact_groups = set(np.unique(element_group[np.concatenate([e for e, _ in state.inexact])]).tolist()) \
             if state.inexact else set()
+        # elements whose group only sees per-channel ops: their pruning can be checked value for value
+        self.exact_elements = ~np.isin(element_group, np.fromiter(inexact_groups, np.int64, len(inexact_groups)))
         producer_elements = np.concatenate(state.producers) if state.producers else np.empty(0, np.int64)
         producer_groups = set(np.unique(element_group[producer_elements]).tolist())
         is_producer = np.zeros(n, bool)
@@ -289,7 +291,7 @@ def _idle_tensor_names(trace: Trace, tensors: Dict[str, torch.Tensor]) -> List[s
             if path in called:
                 return True
             path = path.rpartition(".")[0]
-        return "" in called
+        return False
 
     return [name for name in tensors if not used(name)]
 
@@ -298,7 +300,8 @@ def _idle_tensor_names(trace: Trace, tensors: Dict[str, torch.Tensor]) -> List[s
 def preserved_state(model: nn.Module):
     """Undo what a training-mode forward pass changes: buffers (BatchNorm statistics) and the RNG."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    with torch.random.fork_rng(devices=[]):
+    cuda = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
         try:
             yield
         finally:

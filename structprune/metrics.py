@@ -25,6 +25,10 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
 
 def latency_ms(model: nn.Module, example_input: Any, min_run_time: float = 0.5) -> float:
     """Median forward latency in milliseconds (torch.utils.benchmark, blocked autorange)."""
+    import logging
+
+    # importing torch.utils.benchmark warns about a missing CUDA toolkit on CPU-only machines
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import benchmark
 
     inputs = Inputs.from_example(example_input)

@@ -107,50 +107,54 @@ def sliced_tensors(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -
     return replacements
 
 
-def _refresh_metadata(touched: Dict[nn.Module, Dict[str, tuple]]) -> None:
+def _slots(model: nn.Module):
+    """Every (module, slot dict, slot name, tensor) holding a parameter or buffer."""
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            slots = getattr(module, kind)
+            for name, t in list(slots.items()):
+                if t is not None:
+                    yield module, slots, name, t
+
+
+def _refresh_metadata(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray,
+                      touched: Dict[nn.Module, Dict[str, tuple]]) -> None:
     for module, old_shapes in touched.items():
         update = _find_updater(module)
         if update is not None:
             update(module, old_shapes)
+    for path, attribute, elements in dg.state.widths:  # widths no tensor records
+        kept = int((~dropped[elements[elements >= 0]]).sum() + (elements < 0).sum())
+        setattr(model.get_submodule(path), attribute, kept)
 
 
 def shrink(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> List[nn.Module]:
     """Remove every dropped element from ``model`` in place; return the modules it touched."""
     replacements = sliced_tensors(model, dg, dropped)
     touched: Dict[nn.Module, Dict[str, tuple]] = {}
-    for module in model.modules():
-        for kind in ("_parameters", "_buffers"):
-            slots = getattr(module, kind)
-            for slot, t in list(slots.items()):
-                if t is not None and id(t) in replacements:
-                    slots[slot] = replacements[id(t)]
-                    touched.setdefault(module, {})[slot] = tuple(t.shape)
-    _refresh_metadata(touched)
+    for module, slots, name, t in _slots(model):
+        if id(t) in replacements:
+            slots[name] = replacements[id(t)]
+            touched.setdefault(module, {})[name] = tuple(t.shape)
+    _refresh_metadata(model, dg, dropped, touched)
     return list(touched)
 
 
 def shrunk_copy(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> nn.Module:
     """A deep copy of ``model`` without the dropped elements.
 
-    The sliced tensors are handed to ``deepcopy`` as already-copied, so the large original tensors
-    are never duplicated only to be thrown away.
+    The sliced tensors are handed to the copy as already copied, so the large original tensors are
+    never duplicated only to be thrown away.
     """
     replacements = sliced_tensors(model, dg, dropped)
-    originals = {}
-    for module in model.modules():
-        for kind in ("_parameters", "_buffers"):
-            for slot, t in getattr(module, kind).items():
-                if t is not None and id(t) in replacements:
-                    originals[id(replacements[id(t)])] = tuple(t.shape)
-    copy_ = deep_copy_module(model, memo=dict(replacements))
+    old_shape = {id(replacements[id(t)]): tuple(t.shape) for _, _, _, t in _slots(model) if id(t) in replacements}
+    twin = deep_copy_module(model, memo=dict(replacements))
     touched: Dict[nn.Module, Dict[str, tuple]] = {}
-    for module in copy_.modules():
-        for kind in ("_parameters", "_buffers"):
-            for slot, t in getattr(module, kind).items():
-                if t is not None and id(t) in originals:
-                    touched.setdefault(module, {})[slot] = originals[id(t)]
-    _refresh_metadata(touched)
-    return copy_
+    for module, _, name, t in _slots(twin):
+        if id(t) in old_shape:
+            touched.setdefault(module, {})[name] = old_shape[id(t)]
+    _refresh_metadata(twin, dg, dropped, touched)
+    return twin
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ class Space:
     size: int
     tensor: str  # canonical fully-qualified name of the parameter or buffer
     dim: int
+    group: Optional[int] = None  # id of the Group it ends up in (set when the graph is solved)
 
     @property
     def elements(self) -> np.ndarray:
@@ -54,6 +55,7 @@ class ChannelState:
     frozen: list = field(default_factory=list)  # (elements, reason)
     inexact: list = field(default_factory=list)  # (elements, reason)
     producers: list = field(default_factory=list)  # elements that originate a structure
+    widths: list = field(default_factory=list)  # (module path, attribute, elements): widths no tensor records
 
     def param_axis(self, tensor: str, dim: int, size: int) -> np.ndarray:
         """Elements of axis ``dim`` of the named tensor, created on first use."""

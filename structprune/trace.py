@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
 
 import torch
@@ -39,8 +39,10 @@ class Inputs:
             f"arguments, not {type(example).__name__}"
         )
 
-    def flat(self) -> list:
-        return list(self.args) + list(self.kwargs.values())
+    def cloned(self) -> "Inputs":
+        """A copy whose tensors are fresh, so in-place ops in ``forward`` cannot touch the caller's."""
+        fresh = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return Inputs(tuple(fresh(a) for a in self.args), {k: fresh(v) for k, v in self.kwargs.items()})
 
 
 @dataclass
@@ -51,7 +53,8 @@ class Trace:
     graph: fx.Graph
     tracer: str  # "fx" or "export"
     inputs: Inputs
-    placeholders_order: Tuple[str, ...]  # how to feed `inputs` to the graph positionally
+    parameter_names: Tuple[str, ...]  # forward() argument feeding each placeholder, in order
+    defaults: Dict[str, Any] = field(default_factory=dict)  # values of arguments the input leaves out
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -59,12 +62,13 @@ class Trace:
         return self.module if isinstance(self.module, fx.GraphModule) else fx.GraphModule(self.module, self.graph)
 
     def run_args(self, inputs: Inputs) -> list:
-        values = dict(zip(self._positional_names(), inputs.args))
+        """Positional arguments for the graph's placeholders. Tensors are cloned, so an in-place op
+        at the start of ``forward`` never reaches the caller's example input."""
+        values = dict(self.defaults)
+        values.update(zip(self.parameter_names, inputs.args))
         values.update(inputs.kwargs)
-        return [values[name] for name in self.placeholders_order]
-
-    def _positional_names(self):
-        return self.placeholders_order[: len(self.inputs.args)]
+        return [values[name].clone() if isinstance(values[name], torch.Tensor) else values[name]
+                for name in self.parameter_names]
 
 
 class LeafTracer(fx.Tracer):
@@ -112,8 +116,8 @@ def _fx_trace(model: nn.Module, inputs: Inputs, is_rule_leaf) -> Trace:
         raise ExampleInputError(f"the example input does not provide forward() argument(s) {missing}")
     tracer = LeafTracer(is_rule_leaf)
     graph = tracer.trace(model, concrete_args=concrete or None)
-    order = tuple(n.target for n in graph.nodes if n.op == "placeholder" and n.target in given)
-    return Trace(tracer.root, graph, "fx", inputs, order)
+    # fx makes one placeholder per forward() argument, in signature order (defaults included)
+    return Trace(tracer.root, graph, "fx", inputs, tuple(p.name for p in params), concrete)
 
 
 def _export_trace(model: nn.Module, inputs: Inputs) -> Trace:
@@ -125,6 +129,7 @@ def _export_trace(model: nn.Module, inputs: Inputs) -> Trace:
     placeholder_names = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
     order = tuple(names) if len(names) == len(placeholder_names) else placeholder_names
     return Trace(gm, gm.graph, "export", inputs, order)
+
 
 
 def capture(model: nn.Module, inputs: Inputs, is_rule_leaf, training: bool = False) -> Trace:
@@ -151,5 +156,6 @@ def capture(model: nn.Module, inputs: Inputs, is_rule_leaf, training: bool = Fal
 
 
 def _first_line(error: Exception, limit: int = 600) -> str:
+    """The error's message, trimmed to ``limit`` characters."""
     text = str(error).strip()
     return text[:limit]

@@ -93,7 +93,7 @@ def is_exact(dg: DependencyGraph, dropped: np.ndarray) -> bool:
 def verify(dg: DependencyGraph, pruned: nn.Module, dropped: np.ndarray, reference: Any = None,
            exact: Optional[bool] = None) -> VerificationResult:
     """Compare ``pruned`` on the example input with the zeroed original (``reference`` if precomputed)."""
-    inputs = dg.inputs
+    inputs = dg.inputs.cloned()
     if exact is None:
         exact = is_exact(dg, dropped)
     if reference is None:

@@ -88,15 +88,14 @@ class RuleContext:
         return found
 
     # ----- parameters -------------------------------------------------------------------------
-    def canonical_name(self, tensor: torch.Tensor, fallback: str) -> str:
-        return self._canonical.get(id(tensor), fallback)
-
     def param_axis(self, owner: nn.Module, owner_path: str, name: str, dim: int) -> AxisLabel:
         """Elements of axis ``dim`` of ``owner.<name>`` (None when the tensor is absent)."""
         tensor = getattr(owner, name, None)
         if not isinstance(tensor, torch.Tensor) or tensor.ndim <= dim:
             return None
-        fqn = self.canonical_name(tensor, f"{owner_path}.{name}" if owner_path else name)
+        fqn = self._canonical.get(id(tensor))
+        if fqn is None:  # computed on access (weight_norm, parametrizations): nothing we can slice
+            return None
         return self.state.param_axis(fqn, dim, tensor.shape[dim])
 
     def module_param(self, name: str, dim: int) -> AxisLabel:

@@ -25,17 +25,20 @@ _UNARY_FUNCTIONS = (
     F.alpha_dropout, F.feature_alpha_dropout,
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.abs, torch.neg, torch.sqrt, torch.rsqrt,
     torch.sin, torch.cos, torch.erf, torch.clamp, torch.clip, torch.square, torch.reciprocal, torch.sign,
-    torch.nn.functional.dropout, torch.dropout, torch.clone, torch.detach, torch.nan_to_num, torch.log1p,
+    torch.dropout, torch.clone, torch.detach, torch.nan_to_num, torch.log1p,
     torch.expm1, torch.floor, torch.ceil, torch.round, torch.trunc,
+    # *_like factories: the result's shape (and so its channels) follows the input
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
     operator.neg, operator.pos, operator.abs, operator.invert,
 )
 _UNARY_NAMES = (
     "relu", "sigmoid", "tanh", "exp", "log", "abs", "neg", "sqrt", "rsqrt", "sin", "cos", "erf", "clamp", "clip",
     "square", "reciprocal", "sign", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16",
     "to", "type", "type_as", "cpu", "cuda", "requires_grad", "nan_to_num", "log1p", "expm1", "floor", "ceil",
-    "round", "trunc", "sigmoid", "hardtanh", "gelu", "silu", "hardswish", "hardsigmoid", "relu6", "leaky_relu",
+    "round", "trunc", "hardtanh", "gelu", "silu", "hardswish", "hardsigmoid", "relu6", "leaky_relu",
     "elu", "mish", "softplus", "clamp_min", "clamp_max", "dropout", "native_dropout", "alias", "lift_fresh_copy",
-    "_to_copy", "copy", "hardtanh", "exp2", "pow_scalar",
+    "_to_copy", "copy", "exp2", "zeros_like", "ones_like", "empty_like", "full_like",
+    "fill", "zero",
 )
 
 
@@ -43,6 +46,8 @@ _UNARY_NAMES = (
 def unary(ctx: RuleContext, node):
     x = ctx.arg(0)
     out = ctx.out
+    if isinstance(out, TensorMeta) and sum(ctx.is_tensor(a) for a in ctx.tensor_inputs()) > 1:
+        return broadcast_elementwise(ctx, node)  # clamp(x, min=t), x.copy_(src): values meet elementwise
     if not isinstance(out, (TensorMeta, tuple, list)):
         return None
     label = ctx.tlabel(x)
@@ -63,7 +68,7 @@ _BINARY = (
     torch.fmod, torch.remainder, torch.atan2, torch.hypot, torch.masked_fill,
 )
 _BINARY_NAMES = ("add", "sub", "rsub", "mul", "div", "true_divide", "pow", "maximum", "minimum", "where", "lerp",
-                 "addcmul", "addcdiv", "fmod", "remainder", "masked_fill", "expand_as_mul", "eq", "ne", "lt",
+                 "addcmul", "addcdiv", "fmod", "remainder", "masked_fill", "eq", "ne", "lt",
                  "le", "gt", "ge", "logical_and", "logical_or", "bitwise_and", "bitwise_or")
 
 
@@ -93,26 +98,33 @@ def broadcast_elementwise(ctx: RuleContext, node):
 
 
 # ---- ops that mix values along one axis -------------------------------------------------------------
+def _axis(ctx: RuleContext, node, default) -> int:
+    dim = ctx.module.dim if node.op == "call_module" else ctx.arg(1, "dim")
+    return default if dim is None else dim
+
+
 @rule(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax,
-      ".softmax", ".log_softmax", "aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax",
-      nn.GLU, F.glu, "aten.glu", ".glu")
-def along_axis(ctx: RuleContext, node):
+      ".softmax", ".log_softmax", "aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax")
+def softmax(ctx: RuleContext, node):
+    """Normalises across one axis: pruning that axis changes the values (approximate, not frozen)."""
+    x = ctx.arg(0)
+    label, ndim = ctx.tlabel(x), ctx.meta(x).ndim
+    # None: PyTorch's legacy implicit dim (torch.nn.functional._get_softmax_dim)
+    dim = norm_dim(_axis(ctx, node, 0 if ndim in (0, 1, 3) else 1), ndim)
+    ctx.state.mark_inexact(label[dim], "softmax normalises across the pruned channels")
+    return label
+
+
+@rule(nn.GLU, F.glu, "aten.glu", ".glu")
+def glu(ctx: RuleContext, node):
+    """out = a * sigmoid(b) with (a, b) = x.chunk(2, dim): channel i of both halves go together."""
     x = ctx.arg(0)
     label = list(ctx.tlabel(x))
-    meta = ctx.meta(x)
-    dim = ctx.module.dim if node.op == "call_module" else ctx.arg(1, "dim")
-    if dim is None:
-        dim = -1 if node.op != "call_module" else 1
-    dim = norm_dim(dim, meta.ndim)
-    if label[dim] is None:
-        return tuple(label)
-    is_glu = (node.op == "call_module" and isinstance(ctx.module, nn.GLU)) or "glu" in str(node.target)
-    if is_glu:  # out = a * sigmoid(b) with (a, b) = x.chunk(2, dim): the halves are pruned together
-        half = meta.shape[dim] // 2
+    dim = norm_dim(_axis(ctx, node, -1), len(label))
+    if label[dim] is not None:
+        half = ctx.meta(x).shape[dim] // 2
         ctx.unify(label[dim][:half], label[dim][half:], half)
         label[dim] = label[dim][:half]
-        return tuple(label)
-    ctx.state.mark_inexact(label[dim], "softmax normalises across the pruned channels")
     return tuple(label)
 
 
@@ -121,6 +133,28 @@ _REDUCTIONS = (torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.v
                torch.prod, torch.max, torch.min, torch.norm, torch.nansum, torch.nanmean, torch.argmax, torch.argmin)
 _REDUCTION_NAMES = ("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod", "max", "min", "norm",
                     "nansum", "nanmean", "argmax", "argmin")
+
+
+def _op_name(node) -> str:
+    target = node.target
+    if isinstance(target, str):
+        return target
+    packet = getattr(target, "overloadpacket", None)
+    return (packet or target).__name__
+
+
+def _reduction_arguments(ctx: RuleContext, node):
+    """(dim, keepdim) of a reduction, whatever its positional layout (``norm`` takes ``p`` first,
+    ``std``/``var`` may take ``unbiased`` before ``keepdim``; numpy's ``axis`` is accepted)."""
+    name = _op_name(node).rstrip("_")
+    args, kwargs = node.args, node.kwargs
+    dim_at = 2 if name == "norm" else 1
+    dim = args[dim_at] if len(args) > dim_at else kwargs.get("dim", kwargs.get("axis"))
+    keep_at = dim_at + 1
+    if name in ("std", "var") and len(args) > 2 and isinstance(args[2], bool):
+        keep_at = 3  # (input, dim, unbiased, keepdim)
+    keepdim = args[keep_at] if len(args) > keep_at else kwargs.get("keepdim", False)
+    return dim, bool(keepdim)
 
 
 @rule(*_REDUCTIONS, *("." + n for n in _REDUCTION_NAMES), *("aten." + n for n in _REDUCTION_NAMES))
@@ -133,16 +167,12 @@ def reduction(ctx: RuleContext, node):
     other_tensors = [a for a in ctx.tensor_inputs()[1:] if ctx.is_tensor(a)]
     if other_tensors:  # torch.max(a, b) is elementwise
         return broadcast_elementwise(ctx, node)
-    dim = ctx.arg(1, "dim")
-    if dim is None and "dim" not in node.kwargs and len(node.args) < 2:
-        dims = list(range(meta.ndim))
-    else:
-        dims = list(dim) if isinstance(dim, (list, tuple)) else [dim]
+    dim, keepdim = _reduction_arguments(ctx, node)
+    dims = list(range(meta.ndim)) if dim is None else list(dim) if isinstance(dim, (list, tuple)) else [dim]
     if not all(isinstance(d, int) for d in dims):
         ctx.freeze(label, "reduction over non-constant dims")
         return ctx.unlabeled_output()
     dims = {norm_dim(d, meta.ndim) for d in dims}
-    keepdim = bool(ctx.arg(2, "keepdim", False))
     for d in dims:
         ctx.freeze(label[d], "reduction across channels")
     kept = tuple(None if d in dims else label[d] for d in range(meta.ndim) if keepdim or d not in dims)

@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from ..shapes import TensorMeta
 from ..spaces import AxisLabel
-from .context import RuleContext, norm_dim, unlabeled
+from .context import RuleContext, norm_dim
 from .registry import rule
 
 
@@ -183,14 +183,19 @@ def squeeze(ctx: RuleContext, node):
 @rule(".permute", torch.permute, "aten.permute")
 def permute(ctx: RuleContext, node):
     label = ctx.tlabel(ctx.arg(0))
-    dims = _shape_args(ctx, node, 1) if node.op == "call_method" else list(ctx.arg(1, "dims"))
+    if node.op == "call_method" and len(node.args) > 1:
+        dims = _shape_args(ctx, node, 1)
+    else:
+        dims = list(ctx.arg(1, "dims"))
     return tuple(label[norm_dim(d, len(label))] for d in dims)
 
 
 @rule(".transpose", torch.transpose, "aten.transpose", ".swapaxes", torch.swapaxes, ".swapdims", torch.swapdims)
 def transpose(ctx: RuleContext, node):
     label = list(ctx.tlabel(ctx.arg(0)))
-    a, b = norm_dim(ctx.arg(1, "dim0"), len(label)), norm_dim(ctx.arg(2, "dim1"), len(label))
+    first = ctx.arg(1, "dim0", node.kwargs.get("axis0"))
+    second = ctx.arg(2, "dim1", node.kwargs.get("axis1"))
+    a, b = norm_dim(first, len(label)), norm_dim(second, len(label))
     label[a], label[b] = label[b], label[a]
     return tuple(label)
 
@@ -227,7 +232,7 @@ def _as_array(axis: AxisLabel, size: int) -> np.ndarray:
 @rule(torch.cat, torch.concat, torch.concatenate, "aten.cat", "aten.concat")
 def cat(ctx: RuleContext, node):
     tensors = [t for t in ctx.arg(0, "tensors") if ctx.is_tensor(t)]
-    dim = norm_dim(ctx.arg(1, "dim", 0), ctx.out.ndim)
+    dim = norm_dim(ctx.arg(1, "dim", node.kwargs.get("axis", 0)), ctx.out.ndim)
     labels = [ctx.tlabel(t) for t in tensors]
     metas = [ctx.meta(t) for t in tensors]
     out: List[AxisLabel] = []

@@ -6,12 +6,14 @@ computes statistics across channels, so the pruned model only approximates the z
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
-from .context import RuleContext, norm_dim
+from .context import RuleContext
 from .registry import rule
 
 _STATS = ("weight", "bias", "running_mean", "running_var")
@@ -27,9 +29,18 @@ def _per_channel(ctx: RuleContext, x, cax: int, members) -> tuple:
     return label
 
 
+def _norm_module(ctx: RuleContext, x, cax: int) -> tuple:
+    members = [ctx.module_param(n, 0) for n in _STATS]
+    label = _per_channel(ctx, x, cax, members)
+    if all(m is None for m in members) and label[cax] is not None:
+        # no tensor records the width (affine=False, no running stats): keep num_features in step
+        ctx.state.widths.append((ctx.node.target, "num_features", label[cax]))
+    return label
+
+
 @rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 def batch_norm_module(ctx: RuleContext, node):
-    return _per_channel(ctx, ctx.arg(0, "input"), 1, [ctx.module_param(n, 0) for n in _STATS])
+    return _norm_module(ctx, ctx.arg(0, "input"), 1)
 
 
 @rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -37,8 +48,7 @@ def instance_norm_module(ctx: RuleContext, node):
     m, x = ctx.module, ctx.arg(0, "input")
     spatial = next(s for cls, s in ((nn.InstanceNorm1d, 1), (nn.InstanceNorm2d, 2), (nn.InstanceNorm3d, 3))
                    if isinstance(m, cls))
-    cax = 1 if ctx.meta(x).ndim == spatial + 2 else 0
-    return _per_channel(ctx, x, cax, [ctx.module_param(n, 0) for n in _STATS])
+    return _norm_module(ctx, x, 1 if ctx.meta(x).ndim == spatial + 2 else 0)
 
 
 @rule(F.batch_norm)
@@ -63,15 +73,16 @@ def instance_norm_function(ctx: RuleContext, node):  # (input, running_mean, run
     return batch_norm_function(ctx, node)
 
 
-def _layer_norm(ctx: RuleContext, x, normalized: int, weight_label, bias_label, affine: bool):
+def _layer_norm(ctx: RuleContext, x, normalized: int, weight_label, bias_label, frozen: Optional[str] = None):
+    """Normalise over the last ``normalized`` axes; ``frozen`` says why those axes cannot shrink."""
     label = list(ctx.tlabel(x))
     ndim = len(label)
     axes = list(range(ndim - normalized, ndim))
     for k, ax in enumerate(axes):
         if label[ax] is None:
             continue
-        if not affine:
-            ctx.freeze(label[ax], "LayerNorm without affine parameters over a channel axis")
+        if frozen:
+            ctx.freeze(label[ax], frozen)
             continue
         ctx.unify(label[ax], weight_label[k] if weight_label else None, ctx.meta(x).shape[ax])
         if bias_label:
@@ -86,7 +97,8 @@ def layer_norm_module(ctx: RuleContext, node):
     k = len(m.normalized_shape)
     w = tuple(ctx.module_param("weight", d) for d in range(k)) if m.weight is not None else None
     b = tuple(ctx.module_param("bias", d) for d in range(k)) if m.bias is not None else None
-    return _layer_norm(ctx, ctx.arg(0, "input"), k, w, b, m.weight is not None)
+    return _layer_norm(ctx, ctx.arg(0, "input"), k, w, b,
+                       None if m.weight is not None else "LayerNorm without affine parameters over a channel axis")
 
 
 @rule(F.layer_norm, "aten.layer_norm")
@@ -94,28 +106,22 @@ def layer_norm_function(ctx: RuleContext, node):
     shape = ctx.arg(1, "normalized_shape")
     w_node, b_node = ctx.arg(2, "weight"), ctx.arg(3, "bias")
     k = len(shape) if isinstance(shape, (list, tuple)) else 1
-    # normalized_shape is a literal; it is only safe if it is a LayerNorm attribute we update.
-    affine = w_node is not None and _owned_by(ctx, w_node, nn.LayerNorm)
+    # a literal normalized_shape is baked into the code: the normalised axes cannot shrink
+    dynamic = isinstance(shape, fx.Node) or (isinstance(shape, (list, tuple)) and all(
+        isinstance(s, fx.Node) for s in shape))
     w = ctx.tlabel(w_node) if w_node is not None else None
     b = ctx.tlabel(b_node) if b_node is not None else None
-    return _layer_norm(ctx, ctx.arg(0, "input"), k, w, b, affine)
-
-
-def _owned_by(ctx: RuleContext, node, cls) -> bool:
-    """Is ``node`` a get_attr of a parameter of a ``cls`` module (whose metadata we update)?"""
-    if getattr(node, "op", None) != "get_attr":
-        return False
-    path = node.target.rsplit(".", 1)[0] if "." in node.target else ""
-    try:
-        return isinstance(ctx.model.get_submodule(path), cls)
-    except AttributeError:
-        return False
+    frozen = None if dynamic and w_node is not None else "layer_norm with a constant normalized_shape"
+    return _layer_norm(ctx, ctx.arg(0, "input"), k, w, b, frozen)
 
 
 def _group_norm(ctx: RuleContext, x, groups: int, weight, bias):
     label = ctx.tlabel(x)
     channel = label[1] if len(label) > 1 else None
     size = ctx.meta(x).shape[1]
+    if weight is None and channel is not None:  # nothing to slice, so num_groups could not follow
+        ctx.freeze(channel, "GroupNorm without affine parameters")
+        return label
     if channel is not None:
         blocks = channel.reshape(groups, -1)
         ctx.unify(np.repeat(blocks[:, :1], blocks.shape[1] - 1, axis=1).ravel(), blocks[:, 1:].ravel())
@@ -134,8 +140,8 @@ def group_norm_module(ctx: RuleContext, node):
 def group_norm_function(ctx: RuleContext, node):
     w_node, b_node = ctx.arg(2, "weight"), ctx.arg(3, "bias")
     groups = ctx.arg(1, "num_groups")
-    if not (isinstance(groups, int) and w_node is not None and _owned_by(ctx, w_node, nn.GroupNorm)):
-        ctx.freeze_inputs("group_norm whose num_groups is not a GroupNorm attribute")
+    if not isinstance(groups, int) or w_node is None:
+        ctx.freeze_inputs("group_norm without a constant group count and affine parameters")
         return ctx.unlabeled_output()
     w, b = ctx.tlabel(w_node), ctx.tlabel(b_node) if b_node is not None else None
     return _group_norm(ctx, ctx.arg(0, "input"), groups, w[0], b[0] if b else None)

@@ -56,8 +56,16 @@ def has_module_rule(module: nn.Module) -> bool:
     return module_rule(module) is not None
 
 
+# In-place variants of these change the *shape* of a tensor other nodes still refer to: no rule
+# can relabel those earlier references, so they stay unknown (their channels are frozen).
+_INPLACE_RESHAPES = {"transpose", "t", "unsqueeze", "squeeze", "resize", "resize_as", "as_strided", "swapaxes",
+                     "swapdims", "set"}
+
+
 def _strip_inplace(name: str) -> str:
-    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
+    if name.endswith("_") and not name.endswith("__"):
+        return "" if name[:-1] in _INPLACE_RESHAPES else name[:-1]
+    return name
 
 
 def lookup(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Callable]:
