@@ -62,13 +62,13 @@ def _check_ratio(ratio: Any) -> float:
 
 def slim_with_report(model: nn.Module, example_input: Any, ratio: float = 0.5, *,
                      criterion: Union[str, Criterion] = "l2", verify: bool = True,
-                     inplace: bool = False) -> Tuple[nn.Module, SlimReport]:
+                     inplace: bool = False, tracer: str = "auto") -> Tuple[nn.Module, SlimReport]:
     """Like :func:`slim`, also returning a :class:`SlimReport`."""
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     ratio = _check_ratio(ratio)
     score = get_criterion(criterion)
-    dg = DependencyGraph(model, example_input)
+    dg = DependencyGraph(model, example_input, tracer=tracer)
     _check_materialised(model, criterion, verify)
     plan = plan_uniform(dg, model, ratio, score)
     dropped = plan.element_mask(dg)
@@ -93,7 +93,8 @@ def slim_with_report(model: nn.Module, example_input: Any, ratio: float = 0.5, *
 
 
 def slim(model: nn.Module, example_input: Any, ratio: float = 0.5, *,
-         criterion: Union[str, Criterion] = "l2", verify: bool = True, inplace: bool = False) -> nn.Module:
+         criterion: Union[str, Criterion] = "l2", verify: bool = True, inplace: bool = False,
+         tracer: str = "auto") -> nn.Module:
     """Return a structurally pruned copy of ``model``.
 
     Args:
@@ -106,11 +107,13 @@ def slim(model: nn.Module, example_input: Any, ratio: float = 0.5, *,
         verify: check the pruned model against the original with the removed channels zeroed and
             raise :class:`VerificationError` (leaving ``model`` untouched) if they disagree.
         inplace: prune ``model`` itself instead of a deep copy (restored if anything fails).
+        tracer: ``"auto"`` (torch.fx, then torch.export when fx fails), ``"fx"`` or ``"export"``.
 
     Returns:
         The pruned model: same classes, attribute names and ``state_dict`` keys, smaller tensors.
     """
-    return slim_with_report(model, example_input, ratio, criterion=criterion, verify=verify, inplace=inplace)[0]
+    return slim_with_report(model, example_input, ratio, criterion=criterion, verify=verify, inplace=inplace,
+                            tracer=tracer)[0]
 
 
 def _verify_exact_part(dg: DependencyGraph, model: nn.Module, plan: Plan,

@@ -96,7 +96,7 @@ class DependencyGraph:
     >>> [g for g in dg.groups if g.prunable]
     """
 
-    def __init__(self, model: nn.Module, example_input: Any):
+    def __init__(self, model: nn.Module, example_input: Any, *, tracer: str = "auto"):
         if not isinstance(model, nn.Module):
             raise InvalidModelError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         self.model = model
@@ -105,7 +105,7 @@ class DependencyGraph:
         self.state = ChannelState()
         self.unknown_ops: Counter = Counter()
         self.notes: List[str] = []
-        self.trace: Trace = capture(model, self.inputs, has_module_rule)
+        self.trace: Trace = capture(model, self.inputs, has_module_rule, tracer=tracer)
         with eval_mode(model):
             propagate_shapes(self.trace, self.trace.run_args(self.inputs))
         self.labels: Dict[fx.Node, Label] = self._walk(self.trace)
@@ -120,7 +120,7 @@ class DependencyGraph:
         if not idle:
             return
         try:
-            trace = capture(self.model, self.inputs, has_module_rule, training=True)
+            trace = capture(self.model, self.inputs, has_module_rule, training=True, tracer=self.trace.tracer)
             with mode(self.model, True), preserved_state(self.model):
                 propagate_shapes(trace, trace.run_args(self.inputs))
         except Exception as error:  # the inference graph alone still yields a correct eval model

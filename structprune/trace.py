@@ -132,27 +132,34 @@ def _export_trace(model: nn.Module, inputs: Inputs) -> Trace:
 
 
 
-def capture(model: nn.Module, inputs: Inputs, is_rule_leaf, training: bool = False) -> Trace:
-    """Trace ``model`` (in eval mode unless ``training``) with fx, falling back to torch.export.
+TRACERS = ("auto", "fx", "export")
 
-    Raises TraceError naming both tracers' failures.
+
+def capture(model: nn.Module, inputs: Inputs, is_rule_leaf, training: bool = False, tracer: str = "auto") -> Trace:
+    """Trace ``model`` (in eval mode unless ``training``).
+
+    ``tracer="auto"`` tries torch.fx, then torch.export (non-strict); ``"fx"`` or ``"export"`` use
+    one of them only. Raises TraceError naming every tracer's failure.
     """
+    if tracer not in TRACERS:
+        raise ValueError(f"tracer must be one of {TRACERS}, not {tracer!r}")
+    attempts = {"fx": lambda: _fx_trace(model, inputs, is_rule_leaf), "export": lambda: _export_trace(model, inputs)}
+    order = ["fx", "export"] if tracer == "auto" else [tracer]
+    failures = []
     with mode(model, training):
-        try:
-            return _fx_trace(model, inputs, is_rule_leaf)
-        except ExampleInputError:
-            raise
-        except Exception as fx_error:  # fx fails on data-dependent control flow and friends
+        for name in order:
             try:
-                return _export_trace(model, inputs)
-            except Exception as export_error:
-                raise TraceError(
-                    "could not capture the model's graph.\n"
-                    f"  torch.fx: {type(fx_error).__name__}: {_first_line(fx_error)}\n"
-                    f"  torch.export: {type(export_error).__name__}: {_first_line(export_error)}\n"
-                    "Make the failing op traceable (e.g. move data-dependent Python control flow out of "
-                    "forward, or wrap the offending function with torch.fx.wrap) and try again."
-                ) from export_error
+                return attempts[name]()
+            except ExampleInputError:
+                raise
+            except Exception as error:  # fx fails on data-dependent control flow and friends
+                failures.append((name, error))
+    details = "".join(f"  torch.{name}: {type(error).__name__}: {_first_line(error)}\n" for name, error in failures)
+    raise TraceError(
+        f"could not capture the model's graph.\n{details}"
+        "Make the failing op traceable (e.g. move data-dependent Python control flow out of "
+        "forward, or wrap the offending function with torch.fx.wrap) and try again."
+    ) from failures[-1][1]
 
 
 def _first_line(error: Exception, limit: int = 600) -> str:

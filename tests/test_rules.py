@@ -463,3 +463,24 @@ def test_cross_channel_reductions_freeze_and_softmax_is_approximate():
     small, report = sp.slim_with_report(Reductions(), torch.randn(2, 3, 4, 4), 0.5)
     assert small.a.out_channels == 8 and small.b.out_channels == 4
     assert report.verification.passed and not report.verification.exact
+
+
+EXPORT_CASES = [
+    (Chain, (2, 3, 9, 9)), (FlattenHead, (2, 3, 4, 4)), (Residual, (1, 3, 6, 6)), (Concat, (1, 3, 4, 4)),
+    (SqueezeExcite, (2, 3, 6, 6)), (Shared, (1, 3, 5, 5)), (NormZoo, (2, 3, 4, 4)), (SpatialOps, (1, 3, 10, 10)),
+    (ChunkHalves, (1, 3, 4, 4)), (ConvTransposeNet, (2, 2, 7)), (lambda: Depthwise(2), (1, 3, 5, 5)),
+    (lambda: Depthwise(1, 4), (1, 3, 5, 5)), (lambda: ViewConstant(True), (2, 3, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("build,shape", EXPORT_CASES, ids=lambda c: getattr(c, "__name__", None) or str(c))
+def test_export_tracer_rules_match_fx(build, shape):
+    """The ATen-level rules (torch.export path) prune exactly as the module-level ones (fx path)."""
+    x = torch.randn(shape)
+    torch.manual_seed(1)
+    fx_small, fx_report = sp.slim_with_report(build().eval(), x, 0.5, tracer="fx")
+    torch.manual_seed(1)
+    ex_small, ex_report = sp.slim_with_report(build().eval(), x, 0.5, tracer="export")
+    assert ex_report.graph.trace.tracer == "export"
+    assert ex_report.verification.passed and ex_report.verification.exact == fx_report.verification.exact
+    assert ex_report.params_after == fx_report.params_after, (str(fx_report), str(ex_report))

@@ -136,7 +136,7 @@ def group_norm_module(ctx: RuleContext, node):
                        ctx.module_param("weight", 0), ctx.module_param("bias", 0))
 
 
-@rule(F.group_norm)
+@rule(F.group_norm, "aten.group_norm")
 def group_norm_function(ctx: RuleContext, node):
     w_node, b_node = ctx.arg(2, "weight"), ctx.arg(3, "bias")
     groups = ctx.arg(1, "num_groups")
@@ -154,6 +154,17 @@ def prelu_module(ctx: RuleContext, node):
     if ctx.module.num_parameters > 1:
         cax = 1 if len(label) >= 2 else 0
         ctx.unify(ctx.module_param("weight", 0), label[cax], ctx.meta(x).shape[cax])
+    return label
+
+
+@rule(F.prelu, "aten.prelu", "aten._prelu_kernel")
+def prelu_function(ctx: RuleContext, node):
+    x = ctx.arg(0, "input")
+    label = ctx.tlabel(x)
+    weight = ctx.tlabel(ctx.arg(1, "weight"))
+    if weight and weight[0] is not None:
+        cax = 1 if len(label) >= 2 else 0
+        ctx.unify(weight[0], label[cax], ctx.meta(x).shape[cax])
     return label
 
 
