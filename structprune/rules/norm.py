@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -51,7 +50,7 @@ def instance_norm_module(ctx: RuleContext, node):
     return _norm_module(ctx, x, 1 if ctx.meta(x).ndim == spatial + 2 else 0)
 
 
-@rule(F.batch_norm)
+@rule(F.batch_norm, F.instance_norm)
 def batch_norm_function(ctx: RuleContext, node):  # (input, running_mean, running_var, weight, bias, ...)
     members = [ctx.tlabel(ctx.arg(i, n)) for i, n in ((1, "running_mean"), (2, "running_var"),
                                                         (3, "weight"), (4, "bias"))]
@@ -66,11 +65,6 @@ def batch_norm_aten(ctx: RuleContext, node):  # (input, weight, bias, running_me
     if isinstance(ctx.out, (tuple, list)):  # native variants also return saved statistics
         return [out] + [None] * (len(ctx.out) - 1)
     return out
-
-
-@rule(F.instance_norm)
-def instance_norm_function(ctx: RuleContext, node):  # (input, running_mean, running_var, weight, bias, ...)
-    return batch_norm_function(ctx, node)
 
 
 def _layer_norm(ctx: RuleContext, x, normalized: int, weight_label, bias_label, frozen: Optional[str] = None):
