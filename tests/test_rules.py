@@ -484,3 +484,20 @@ def test_export_tracer_rules_match_fx(build, shape):
     assert ex_report.graph.trace.tracer == "export"
     assert ex_report.verification.passed and ex_report.verification.exact == fx_report.verification.exact
     assert ex_report.params_after == fx_report.params_after, (str(fx_report), str(ex_report))
+
+
+class TokenSelect(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x):  # (B, T, 4): keep the first token, like a [CLS] pooler
+        return self.fc2(torch.relu(self.fc1(x)).select(1, 0))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_select_on_a_token_axis_keeps_channels_prunable(tracer):
+    small, report = sp.slim_with_report(TokenSelect(), torch.randn(2, 3, 4), 0.5, tracer=tracer)
+    assert report.unknown_ops == {} and small.fc1.out_features == 4
+    assert report.verification.passed and report.verification.exact

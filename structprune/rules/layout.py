@@ -372,6 +372,14 @@ def _index_tensor(ctx: RuleContext, x, index):
     return tuple(out)
 
 
+@rule(torch.select, ".select", "aten.select")
+def select(ctx: RuleContext, node):  # select(x, dim, index): the axis disappears
+    label = list(ctx.tlabel(ctx.arg(0)))
+    dim = norm_dim(ctx.arg(1, "dim"), len(label))
+    ctx.freeze(label[dim], "selecting one channel")
+    return tuple(label[:dim] + label[dim + 1:])
+
+
 @rule("aten.slice")
 def aten_slice(ctx: RuleContext, node):  # aten.slice(x, dim, start, end, step)
     x = ctx.arg(0)
