@@ -501,3 +501,24 @@ def test_select_on_a_token_axis_keeps_channels_prunable(tracer):
     small, report = sp.slim_with_report(TokenSelect(), torch.randn(2, 3, 4), 0.5, tracer=tracer)
     assert report.unknown_ops == {} and small.fc1.out_features == 4
     assert report.verification.passed and report.verification.exact
+
+
+class RollReshapeAs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = torch.roll(self.conv(x), shifts=(1, 1), dims=(2, 3))
+        flat = y.flatten(2)  # (B, C, HW)
+        y = flat.reshape_as(y) + y.new_zeros(1)
+        return self.head(self.conv2(y))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_roll_reshape_as_and_new_factories(tracer):
+    small, report = sp.slim_with_report(RollReshapeAs(), torch.randn(1, 3, 5, 5), 0.5, tracer=tracer)
+    assert report.unknown_ops == {} and small.conv.out_channels == 4 and small.conv2.out_channels == 4
+    assert report.verification.passed and report.verification.exact

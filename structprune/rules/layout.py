@@ -162,6 +162,17 @@ def view(ctx: RuleContext, node):
     return bind_sizes(ctx, reshape_label(ctx, ctx.arg(0), out.shape), out.shape, entries)
 
 
+@rule(".reshape_as", ".view_as", "aten.reshape_as", "aten.view_as")
+def reshape_as(ctx: RuleContext, node):
+    """``x.reshape_as(other)``: the result's sizes are read from ``other``, so its axes shrink with them."""
+    labels = list(reshape_label(ctx, ctx.arg(0), ctx.out.shape))
+    other = ctx.tlabel(ctx.arg(1))
+    for j, axis in enumerate(labels):
+        if j < len(other) and (axis is not None or other[j] is not None):
+            ctx.unify(axis, other[j], ctx.out.shape[j])
+    return tuple(labels)
+
+
 def _reads_shape_of(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target is builtins.getattr and node.args[1] == "shape") or \
         (node.op == "call_method" and node.target == "size" and len(node.args) == 1)
@@ -417,6 +428,27 @@ def expand_as(ctx: RuleContext, node):
         if ctx.meta(x).shape[k] == ctx.out.shape[k + lead]:
             result[k + lead] = ctx.unify_all([axis, target[k + lead]], ctx.out.shape[k + lead])
     return tuple(result)
+
+
+@rule(torch.roll, ".roll", "aten.roll")
+def roll(ctx: RuleContext, node):
+    """Shifting along an axis reorders it: fine for spatial axes, frozen for channel axes."""
+    label = list(ctx.tlabel(ctx.arg(0)))
+    dims = ctx.arg(2, "dims")
+    dims = range(len(label)) if dims is None or dims == [] else [dims] if isinstance(dims, int) else dims
+    for d in dims:
+        d = norm_dim(d, len(label))
+        if label[d] is not None:
+            ctx.freeze(label[d], "roll along a channel axis")
+            label[d] = None
+    return tuple(label)
+
+
+@rule(".new_empty", ".new_zeros", ".new_ones", ".new_full", ".new_tensor", "aten.new_empty", "aten.new_zeros",
+      "aten.new_ones", "aten.new_full")
+def new_tensor(ctx: RuleContext, node):
+    """``x.new_zeros(size)`` borrows only x's dtype and device: nothing to couple or freeze."""
+    return ctx.unlabeled_output()
 
 
 @rule(".repeat", "aten.repeat", torch.tile, ".tile")
