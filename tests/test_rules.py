@@ -522,3 +522,43 @@ def test_roll_reshape_as_and_new_factories(tracer):
     small, report = sp.slim_with_report(RollReshapeAs(), torch.randn(1, 3, 5, 5), 0.5, tracer=tracer)
     assert report.unknown_ops == {} and small.conv.out_channels == 4 and small.conv2.out_channels == 4
     assert report.verification.passed and report.verification.exact
+
+
+class BlurPool(nn.Module):
+    """A fixed depthwise filter applied with a literal group count (timm's BlurPool / TResNet)."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.channels = channels
+        self.conv = nn.Conv2d(3, channels, 1)
+        self.register_buffer("filt", torch.ones(channels, 1, 3, 3) / 9)
+        self.head = nn.Conv2d(channels, 2, 1)
+
+    def forward(self, x):
+        y = F.conv2d(self.conv(x), self.filt, stride=2, padding=1, groups=self.channels)
+        return self.head(y)
+
+
+class SameConv(nn.Conv2d):
+    """A Conv2d subclass with its own forward (timm's Conv2dSame style): its groups attribute is updated."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SameConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(3, 8, 1)
+        self.dw = SameConv(8, 8, 3, groups=8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.dw(self.pw(x)))
+
+
+def test_literal_group_count_freezes_but_own_attribute_prunes():
+    small, report = sp.slim_with_report(BlurPool(), torch.randn(1, 3, 6, 6), 0.5)
+    assert report.verification.passed and small.conv.out_channels == 8
+    small, report = slim_exact(SameConvNet(), torch.randn(1, 3, 6, 6))
+    assert small.dw.groups == 4 and small.pw.out_channels == 4

@@ -101,6 +101,24 @@ class RuleContext:
     def module_param(self, name: str, dim: int) -> AxisLabel:
         return self.param_axis(self.module, self.node.target, name, dim)
 
+    def own_attribute(self, weight_node: Any, cls: type, attribute: str, literal: Any) -> bool:
+        """Is ``literal`` (a constant baked into the graph) the current value of ``attribute`` of the
+        ``cls`` module that owns ``weight_node`` *and* whose own forward makes this call? Then it is
+        that module's attribute, which its updater refreshes after pruning, not a hard-coded size."""
+        if getattr(weight_node, "op", None) != "get_attr" or literal is None:
+            return False
+        owner_path = weight_node.target.rpartition(".")[0]
+        stack = self.node.meta.get("nn_module_stack") or {}
+        if not stack or list(stack.values())[-1][0] != owner_path:
+            return False
+        try:
+            owner = self.model.get_submodule(owner_path)
+        except AttributeError:
+            return False
+        value = getattr(owner, attribute, None)
+        value = tuple(value) if isinstance(value, (list, tuple)) else value
+        return isinstance(owner, cls) and value == literal
+
     # ----- acting on labels -------------------------------------------------------------------
     def unify(self, a: AxisLabel, b: AxisLabel, size: Optional[int] = None) -> None:
         self.state.unify(a, b, self.op, size)

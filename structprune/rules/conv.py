@@ -78,9 +78,14 @@ def _functional(spatial: int, transposed: bool):
     def conv_function(ctx: RuleContext, node):
         w_label = ctx.tlabel(ctx.arg(1, "weight"))
         b_label = ctx.tlabel(ctx.arg(2, "bias"))
+        w_node = ctx.arg(1, "weight")
         groups = ctx.arg(6, "groups", 1)  # same position in conv and conv_transpose signatures
         if not isinstance(groups, int) or len(w_label) < 2:
             ctx.freeze_inputs("convolution with non-constant groups or weight")
+            return ctx.unlabeled_output()
+        if groups > 1 and not ctx.own_attribute(w_node, nn.modules.conv._ConvNd, "groups", groups):
+            # a constant group count (e.g. a blur filter with groups=channels) cannot follow pruning
+            ctx.freeze_inputs("grouped convolution with a constant group count")
             return ctx.unlabeled_output()
         for extra in w_label[2:]:
             ctx.freeze(extra, "kernel axis of a convolution weight")

@@ -104,30 +104,12 @@ def layer_norm_function(ctx: RuleContext, node):
     # it is the own attribute of the LayerNorm whose forward makes this call (LayerNorm2d variants)
     dynamic = isinstance(shape, fx.Node) or (isinstance(shape, (list, tuple)) and all(
         isinstance(s, fx.Node) for s in shape))
-    own = _own_attribute(ctx, node, w_node, nn.LayerNorm, "normalized_shape", tuple(shape)
+    own = ctx.own_attribute(w_node, nn.LayerNorm, "normalized_shape", tuple(shape)
                          if isinstance(shape, (list, tuple)) else shape)
     w = ctx.tlabel(w_node) if w_node is not None else None
     b = ctx.tlabel(b_node) if b_node is not None else None
     frozen = None if (dynamic or own) and w_node is not None else "layer_norm with a constant normalized_shape"
     return _layer_norm(ctx, ctx.arg(0, "input"), k, w, b, frozen)
-
-
-def _own_attribute(ctx: RuleContext, node, weight_node, cls: type, attribute: str, literal) -> bool:
-    """Is ``literal`` the current value of ``attribute`` of the ``cls`` module that owns the weight
-    *and* whose own forward makes this call? Then the updater refreshes it with the weight."""
-    if getattr(weight_node, "op", None) != "get_attr" or literal is None:
-        return False
-    owner_path = weight_node.target.rpartition(".")[0]
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack or list(stack.values())[-1][0] != owner_path:
-        return False
-    try:
-        owner = ctx.model.get_submodule(owner_path)
-    except AttributeError:
-        return False
-    value = getattr(owner, attribute, None)
-    value = tuple(value) if isinstance(value, (list, tuple)) else value
-    return isinstance(owner, cls) and value == literal
 
 
 def _group_norm(ctx: RuleContext, x, groups: int, weight, bias):
@@ -155,7 +137,7 @@ def group_norm_module(ctx: RuleContext, node):
 def group_norm_function(ctx: RuleContext, node):
     w_node, b_node = ctx.arg(2, "weight"), ctx.arg(3, "bias")
     groups = ctx.arg(1, "num_groups")
-    if w_node is None or not _own_attribute(ctx, node, w_node, nn.GroupNorm, "num_groups", groups):
+    if w_node is None or not ctx.own_attribute(w_node, nn.GroupNorm, "num_groups", groups):
         ctx.freeze_inputs("group_norm whose group count is not its own GroupNorm's attribute")
         return ctx.unlabeled_output()
     w, b = ctx.tlabel(w_node), ctx.tlabel(b_node) if b_node is not None else None
