@@ -20,4 +20,5 @@ settings.register_profile(
     database=None,
     print_blob=True,
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+# CI (CI=true) replays the same examples every run; locally hypothesis explores new ones
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
