@@ -4,12 +4,12 @@
 >>> small = sp.slim(model, example_input, ratio=0.5)
 """
 from .api import SlimReport, slim, slim_with_report
-from .criteria import get_criterion, register_criterion
+from .criteria import ScoringContext, get_criterion, register_criterion
 from .errors import (ExampleInputError, InvalidModelError, InvalidRatioError, StructPruneError, TraceError,
                      VerificationError)
 from .graph import DependencyGraph, Group
 from .metrics import count_macs, count_parameters, latency_ms
-from .plan import Plan, plan_uniform
+from .plan import Plan, PlanOptions, Planner
 from .rules import rule
 from .shrink import updater
 from .verify import VerificationResult
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DependencyGraph", "ExampleInputError", "Group", "InvalidModelError", "InvalidRatioError", "Plan",
     "SlimReport", "StructPruneError", "TraceError", "VerificationError", "VerificationResult", "count_macs",
-    "count_parameters", "get_criterion", "latency_ms", "plan_uniform", "register_criterion", "rule", "slim",
+    "count_parameters", "get_criterion", "latency_ms", "PlanOptions", "Planner", "register_criterion", "rule",
+    "ScoringContext", "slim",
     "slim_with_report", "updater",
 ]

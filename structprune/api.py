@@ -4,17 +4,18 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from torch import nn
 
-from .criteria import Criterion, get_criterion
+from .criteria import Criterion, ScoringContext, get_criterion
 from .errors import InvalidModelError, InvalidRatioError, StructPruneError, VerificationError
 from .graph import DependencyGraph
 from .metrics import count_parameters
-from .plan import Plan, plan_uniform
+from .plan import Plan, PlanOptions, Planner, search_target
 from .shrink import rollback, shrink, shrunk_copy
+from .targets import TARGETS, removed_fraction
 from .verify import VerificationResult, is_exact, verify as verify_pruned, zeroed_reference
 
 
@@ -60,50 +61,77 @@ def _check_ratio(ratio: Any) -> float:
     return float(ratio)
 
 
-def slim_with_report(model: nn.Module, example_input: Any, ratio: float = 0.5, *,
-                     criterion: Union[str, Criterion] = "l2", verify: bool = True,
+def slim_with_report(model: nn.Module, example_input: Any, ratio: Optional[float] = 0.5, *,
+                     criterion: Union[str, Criterion] = "l2", scope: str = "local",
+                     target: Optional[Dict[str, float]] = None, max_group_ratio: float = 1.0,
+                     round_to: Optional[int] = None, ignore: Sequence[Any] = (),
+                     ratios: Optional[Dict[str, float]] = None, data: Optional[Iterable] = None,
+                     loss_fn: Optional[Callable] = None, reduction: str = "mean",
+                     normalize: Optional[str] = "mean", seed: Optional[int] = None, verify: bool = True,
                      inplace: bool = False, tracer: str = "auto") -> Tuple[nn.Module, SlimReport]:
     """Like :func:`slim`, also returning a :class:`SlimReport`."""
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    ratio = _check_ratio(ratio)
+    budget = _check_target(target)
+    ratio = _check_ratio(0.5 if budget else ratio)  # with a target the ratio is searched for
+    options = PlanOptions(ratio, scope, max_group_ratio, round_to, ignore, dict(ratios or {}), normalize)
     score = get_criterion(criterion)
     dg = DependencyGraph(model, example_input, tracer=tracer)
     _check_materialised(model, criterion, verify)
-    plan = plan_uniform(dg, model, ratio, score)
+    context = ScoringContext(model, dg, data=data, loss_fn=loss_fn, reduction=reduction, seed=seed)
+    planner = Planner(dg, context, score, ignore)
+    if budget:
+        kind, fraction = budget
+        plan, _ = search_target(planner, options, removed_fraction(kind, dg, model), fraction)
+    else:
+        plan = planner.plan(options)
     dropped = plan.element_mask(dg)
     params_before = count_parameters(model)
     exact_part = _verify_exact_part(dg, model, plan, dropped) if verify else None
     reference = zeroed_reference(dg, dropped) if verify else None
     result = None
     if inplace:
-        target = model
-        with rollback(target):
-            shrink(target, dg, dropped)
+        pruned = model
+        with rollback(pruned):
+            shrink(pruned, dg, dropped)
             if verify:
-                result = _checked(dg, plan, target, dropped, reference, exact_part)
+                result = _checked(dg, plan, pruned, dropped, reference, exact_part)
     else:
-        target = shrunk_copy(model, dg, dropped)
+        pruned = shrunk_copy(model, dg, dropped)
         if verify:
-            result = _checked(dg, plan, target, dropped, reference, exact_part)
-    report = SlimReport(dg, plan, params_before, count_parameters(target), result,
+            result = _checked(dg, plan, pruned, dropped, reference, exact_part)
+    report = SlimReport(dg, plan, params_before, count_parameters(pruned), result,
                         {gid: (dg.groups[gid].n_units, dg.groups[gid].n_units - len(units))
                          for gid, units in plan.drops.items()})
-    return target, report
+    return pruned, report
 
 
-def slim(model: nn.Module, example_input: Any, ratio: float = 0.5, *,
-         criterion: Union[str, Criterion] = "l2", verify: bool = True, inplace: bool = False,
-         tracer: str = "auto") -> nn.Module:
+def slim(model: nn.Module, example_input: Any, ratio: Optional[float] = 0.5, **options: Any) -> nn.Module:
     """Return a structurally pruned copy of ``model``.
 
     Args:
         model: any ``nn.Module``; it is traced with torch.fx (torch.export as a fallback).
         example_input: a tensor, a tuple of positional arguments, or a dict of keyword arguments.
-        ratio: fraction of channels removed from every prunable group, in [0, 1); at least one
-            channel of every group is kept.
-        criterion: importance criterion name (``"l2"``, ``"l1"``, ``"random"``) or a function
-            ``(group, model) -> scores``.
+        ratio: fraction of channels removed, in [0, 1): from every layer (``scope="local"``) or
+            from the whole model, least important first (``scope="global"``). At least one channel
+            of every layer is kept.
+
+    Keyword options (all optional):
+        criterion: ``"l2"`` (default), ``"l1"``, ``"magnitude"``, ``"gradient"``, ``"taylor"``,
+            ``"fpgm"``, ``"bn_scale"``, ``"random"``, or a function ``(group, context) -> scores``.
+        data, loss_fn: calibration batches and ``loss_fn(model, batch)`` for gradient criteria
+            (default loss: cross-entropy on ``(inputs, targets)`` batches).
+        reduction: combine member scores by ``"mean"`` (default), ``"sum"`` or ``"max"``.
+        normalize: per-group score normalisation for global ranking (``"mean"``, ``"max"``,
+            ``"sum"`` or None).
+        scope: ``"local"`` (default) or ``"global"``; ``max_group_ratio`` caps what global scope
+            takes from any one layer.
+        target: ``{"params": f}`` or ``{"macs": f}``: remove that fraction instead of a channel
+            ratio (reached within one percentage point).
+        round_to: keep widths that are multiples of this number.
+        ignore: modules kept whole: names or globs, instances, or classes.
+        ratios: ``{"module.glob.*": ratio}`` overrides for matching layers.
+        seed: seed of the ``random`` criterion.
         verify: check the pruned model against the original with the removed channels zeroed and
             raise :class:`VerificationError` (leaving ``model`` untouched) if they disagree.
         inplace: prune ``model`` itself instead of a deep copy (restored if anything fails).
@@ -112,8 +140,18 @@ def slim(model: nn.Module, example_input: Any, ratio: float = 0.5, *,
     Returns:
         The pruned model: same classes, attribute names and ``state_dict`` keys, smaller tensors.
     """
-    return slim_with_report(model, example_input, ratio, criterion=criterion, verify=verify, inplace=inplace,
-                            tracer=tracer)[0]
+    return slim_with_report(model, example_input, ratio, **options)[0]
+
+
+def _check_target(target: Optional[Dict[str, float]]) -> Optional[Tuple[str, float]]:
+    if target is None:
+        return None
+    if not isinstance(target, dict) or len(target) != 1:
+        raise ValueError(f"target must be a dict with one entry, {{'params': f}} or {{'macs': f}}, got {target!r}")
+    (kind, fraction), = target.items()
+    if kind not in TARGETS:
+        raise ValueError(f"target must name one of {TARGETS}, not {kind!r}")
+    return kind, _check_ratio(fraction)
 
 
 def _verify_exact_part(dg: DependencyGraph, model: nn.Module, plan: Plan,
@@ -147,7 +185,7 @@ def _check_materialised(model: nn.Module, criterion: Any, verify: bool) -> None:
     """Weights on the meta device can be planned but neither scored by magnitude nor run."""
     if not any(t.is_meta for t in model.parameters()):
         return
-    if verify or criterion in ("l1", "l2"):
+    if verify or (isinstance(criterion, str) and criterion != "random"):
         raise StructPruneError(
             "the model's weights are on the meta device: magnitude criteria and verification need real "
             "values. Load the weights first, or plan with criterion='random' (or your own scores) and "

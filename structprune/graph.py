@@ -45,6 +45,10 @@ class Group:
 
     @property
     def size(self) -> int:
+        """Number of units (channels that are pruned together)."""
+        return self.n_units
+
+    def __len__(self) -> int:
         return self.n_units
 
     @property

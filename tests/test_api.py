@@ -75,7 +75,7 @@ def test_report_and_metrics():
 def test_criteria_choose_different_channels_but_all_verify():
     model = Net().eval()
     shapes = set()
-    for criterion in ["l2", "l1", "random", lambda group, m: torch.arange(group.n_units).numpy()]:
+    for criterion in ["l2", "l1", "random", lambda group, ctx: torch.arange(len(group)).numpy()]:
         small, report = sp.slim_with_report(model, X, 0.5, criterion=criterion)
         assert report.verification.passed
         shapes.add(small.features[0].out_channels)
@@ -84,7 +84,7 @@ def test_criteria_choose_different_channels_but_all_verify():
 
 def test_custom_criterion_keeps_highest_scores():
     model = Net().eval()
-    small = sp.slim(model, X, 0.5, criterion=lambda group, m: torch.arange(group.n_units).double().numpy())
+    small = sp.slim(model, X, 0.5, criterion=lambda group, ctx: torch.arange(len(group)).double())
     assert torch.equal(small.features[0].weight, model.features[0].weight[8:])
 
 
