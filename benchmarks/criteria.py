@@ -331,8 +331,9 @@ def write_markdown(path: str, res: dict[str, Any], command: str, png_path: str, 
     ]
     lines += verdict(runs, criteria, max(ratios), scopes)
     lines.append("")
-    if n < len(SEEDS) or len(ratios) < len(RATIOS):
-        lines += ["*This is a `--quick` smoke-test run; do not read anything into the numbers.*", ""]
+    if cfg["quick"] or n < len(SEEDS) or len(ratios) < len(RATIOS):
+        lines += ["*This is a reduced smoke-test run (fewer seeds, ratios or epochs than the full experiment); "
+                  "do not read anything into the numbers.*", ""]
 
     for mode in MODES:
         lines += [f"## {MODE_TITLE[mode].capitalize()} accuracy (%)", ""]
@@ -402,7 +403,8 @@ def write_plot(path: str, res: dict[str, Any]) -> None:
                     vals, _ = cell_values(runs, c, r, scope, mode)
                     if vals:
                         m, s = mean_std([100 * v for v in vals])
-                        xs.append(r), ms.append(m), ss.append(s)
+                        # a small horizontal offset per criterion keeps overlapping error bars readable
+                        xs.append(r + 0.006 * (k - (len(criteria) - 1) / 2)), ms.append(m), ss.append(s)
                 if xs:
                     ax.errorbar(xs, ms, yerr=ss, marker=markers[k % len(markers)], capsize=3, lw=1.5,
                                 ls="--" if c == "random" else "-", color="k" if c == "random" else None, label=c)

@@ -7,9 +7,10 @@ lets :func:`search_target` bisect on the ratio to hit a parameter or MAC budget.
   neurons) drops ``floor(ratio * n)`` of its ``n`` prunable units, lowest scores first;
 - **global** scope: the units of all layers are ranked together (scores normalised per group) and
   the lowest ``ratio`` of them go, at most ``max_group_ratio`` of any one layer;
-- ``ratios={"layer4.*": 0.7}`` fixes the ratio of matching layers (by module name), ``ignore``
-  keeps modules whole (names or globs, instances, or types), ``round_to=N`` keeps widths that
-  are multiples of N. Every layer and every member tensor keeps at least one channel.
+- ``ratios={"layer4.*": 0.7}`` fixes the ratio of matching layers (by module name); ``ignore``
+  (names or globs, instances, or types) keeps the matching modules' own channels (a conv's
+  filters, a norm's channels) while they still follow a narrower input; ``round_to=N`` keeps
+  widths that are multiples of N. Every layer and every member tensor keeps at least one channel.
 """
 from __future__ import annotations
 
@@ -78,6 +79,15 @@ class _Layer:
     width: int  # all units the layer produces, frozen ones included
 
 
+def _reads_inputs(module: Optional[nn.Module], attribute: str, dim: int) -> bool:
+    """Is this the input-channel axis of a contraction? An ignored layer still follows its inputs."""
+    if attribute != "weight":
+        return False
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return dim == (0 if module.transposed else 1)
+    return isinstance(module, nn.Linear) and dim == 1
+
+
 def _matches(module_name: str, module: nn.Module, rule: Any) -> bool:
     if isinstance(rule, str):
         return fnmatch.fnmatchcase(module_name, rule) or module_name == rule
@@ -108,8 +118,10 @@ class Planner:
         for group in self.dg.prunable_groups:
             excluded = group.frozen_units.copy()
             for space, index in zip(group.spaces, group.unit_index):
-                owner = space.tensor.rpartition(".")[0]
-                if any(_matches(owner, modules.get(owner), rule) for rule in ignore):
+                owner, _, attribute = space.tensor.rpartition(".")
+                module = modules.get(owner)
+                if not _reads_inputs(module, attribute, space.dim) and any(
+                        _matches(owner, module, rule) for rule in ignore):
                     excluded[index] = True
             for origin in np.unique(group.unit_origin):
                 in_layer = group.unit_origin == origin
