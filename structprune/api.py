@@ -106,7 +106,12 @@ def slim_with_report(model: nn.Module, example_input: Any, ratio: Optional[float
     return pruned, report
 
 
-def slim(model: nn.Module, example_input: Any, ratio: Optional[float] = 0.5, **options: Any) -> nn.Module:
+def slim(model: nn.Module, example_input: Any, ratio: Optional[float] = 0.5, *,
+         criterion: Union[str, Criterion] = "l2", scope: str = "local", target: Optional[Dict[str, float]] = None,
+         max_group_ratio: float = 1.0, round_to: Optional[int] = None, ignore: Sequence[Any] = (),
+         ratios: Optional[Dict[str, float]] = None, data: Optional[Iterable] = None,
+         loss_fn: Optional[Callable] = None, reduction: str = "mean", normalize: Optional[str] = "mean",
+         seed: Optional[int] = None, verify: bool = True, inplace: bool = False, tracer: str = "auto") -> nn.Module:
     """Return a structurally pruned copy of ``model``.
 
     Args:
@@ -116,7 +121,7 @@ def slim(model: nn.Module, example_input: Any, ratio: Optional[float] = 0.5, **o
             from the whole model, least important first (``scope="global"``). At least one channel
             of every layer is kept.
 
-    Keyword options (all optional):
+    Keyword options:
         criterion: ``"l2"`` (default), ``"l1"``, ``"magnitude"``, ``"gradient"``, ``"taylor"``,
             ``"fpgm"``, ``"bn_scale"``, ``"random"``, or a function ``(group, context) -> scores``.
         data, loss_fn: calibration batches and ``loss_fn(model, batch)`` for gradient criteria
@@ -140,7 +145,10 @@ def slim(model: nn.Module, example_input: Any, ratio: Optional[float] = 0.5, **o
     Returns:
         The pruned model: same classes, attribute names and ``state_dict`` keys, smaller tensors.
     """
-    return slim_with_report(model, example_input, ratio, **options)[0]
+    return slim_with_report(model, example_input, ratio, criterion=criterion, scope=scope, target=target,
+                            max_group_ratio=max_group_ratio, round_to=round_to, ignore=ignore, ratios=ratios,
+                            data=data, loss_fn=loss_fn, reduction=reduction, normalize=normalize, seed=seed,
+                            verify=verify, inplace=inplace, tracer=tracer)[0]
 
 
 def _check_target(target: Optional[Dict[str, float]]) -> Optional[Tuple[str, float]]:
