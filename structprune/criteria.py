@@ -109,8 +109,9 @@ class ScoringContext:
             if isinstance(t, nn.Parameter):
                 yield space, index, t
 
-    def axis_sums(self, name: str, values: torch.Tensor, key: str, dim: int) -> np.ndarray:
-        """Sum of ``values`` (a tensor shaped like parameter ``name``) over every axis but ``dim``.
+    def axis_sums(self, name: str, values: Callable[[], torch.Tensor], key: str, dim: int) -> np.ndarray:
+        """Sum of ``values()`` (a tensor shaped like parameter ``name``, computed at most once per
+        ``key``) over every axis but ``dim``.
 
         Reduced once per tensor to a (dim0, dim1) matrix, so the filter side and the input-channel
         side of the same weight cost one pass.
@@ -118,7 +119,7 @@ class ScoringContext:
         cached = self._sums.get((name, key))
         if cached is None:
             with torch.no_grad():
-                v = values.detach()
+                v = values().detach()
                 v = v if v.is_floating_point() else v.float()
                 if v.ndim >= 2:
                     matrix = v.reshape(v.shape[0], v.shape[1], -1)
@@ -129,7 +130,7 @@ class ScoringContext:
             self._sums[(name, key)] = cached
         if dim not in cached:
             with torch.no_grad():
-                v = values.detach().float()
+                v = values().detach().float()
                 cached[dim] = v.movedim(dim, 0).reshape(v.shape[dim], -1).sum(1).double().cpu().numpy()
         return cached[dim]
 
@@ -199,7 +200,7 @@ def _elementwise(group: Group, ctx: ScoringContext, fn: Callable[[torch.Tensor],
                  finish: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> np.ndarray:
     per_member = []
     for space, index, t in ctx.trainable_members(group):
-        values = ctx.axis_sums(space.tensor, fn(t.detach()), key, space.dim)
+        values = ctx.axis_sums(space.tensor, lambda: fn(t.detach()), key, space.dim)
         per_member.append(finish(np.bincount(index, weights=values, minlength=group.n_units)))
     return ctx.combine(group, per_member)
 
@@ -209,7 +210,7 @@ def magnitude(group: Group, ctx: ScoringContext) -> np.ndarray:
     """Sum of |w| over every slice of the unit (member scores summed, whatever ``reduction``)."""
     per_member = []
     for space, index, t in ctx.trainable_members(group):
-        values = ctx.axis_sums(space.tensor, t.detach().abs(), "abs", space.dim)
+        values = ctx.axis_sums(space.tensor, lambda: t.detach().abs(), "abs", space.dim)
         per_member.append(np.bincount(index, weights=values, minlength=group.n_units))
     return np.sum(per_member, axis=0) if per_member else np.zeros(group.n_units)
 
@@ -232,7 +233,7 @@ def gradient(group: Group, ctx: ScoringContext) -> np.ndarray:
     grads = ctx.gradients()
     per_member = []
     for space, index, _ in ctx.trainable_members(group):
-        values = ctx.axis_sums(space.tensor, grads[space.tensor]["abs"], "grad", space.dim)
+        values = ctx.axis_sums(space.tensor, lambda: grads[space.tensor]["abs"], "grad", space.dim)
         per_member.append(np.bincount(index, weights=values, minlength=group.n_units))
     return ctx.combine(group, per_member)
 
@@ -243,7 +244,7 @@ def taylor(group: Group, ctx: ScoringContext) -> np.ndarray:
     grads = ctx.gradients()
     per_member = []
     for space, index, _ in ctx.trainable_members(group):
-        values = ctx.axis_sums(space.tensor, grads[space.tensor]["taylor"], "taylor", space.dim)
+        values = ctx.axis_sums(space.tensor, lambda: grads[space.tensor]["taylor"], "taylor", space.dim)
         per_member.append(np.abs(np.bincount(index, weights=values, minlength=group.n_units)))
     return ctx.combine(group, per_member)
 
