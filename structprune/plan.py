@@ -168,10 +168,13 @@ class Planner:
         scores = np.concatenate([normalized[layer.units] for layer, normalized in pooled])
         caps = np.array([min(math.floor(options.max_group_ratio * len(layer.units) + 1e-9), layer.width - 1)
                          for layer, _ in pooled])
+        # ties (e.g. freshly initialised BN scales, all 1) are shared out in proportion to layer size
+        relative_rank = np.concatenate([np.argsort(np.argsort(normalized[layer.units], kind="stable")) / len(layer.units)
+                                        for layer, normalized in pooled])
         quota = math.floor(options.ratio * len(units) + 1e-9)
         taken = np.zeros(len(pooled), np.int64)
         picked = []
-        for i in np.argsort(scores, kind="stable"):
+        for i in np.lexsort((relative_rank, scores)):
             if len(picked) >= quota:
                 break
             k = owners[i]

@@ -93,3 +93,11 @@ def test_unreachable_target_and_bad_options_are_explained():
         sp.slim(model, X, 0.5, scope="everywhere")
     with pytest.raises(ValueError, match="round_to"):
         sp.slim(model, X, 0.5, round_to=0)
+
+
+def test_global_ties_are_shared_in_proportion_to_layer_size():
+    """Freshly initialised BN scales are all 1: global bn_scale must not empty the first layers."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 1),
+                          nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 2, 1))
+    small = sp.slim(model, torch.randn(1, 3, 4, 4), 0.5, criterion="bn_scale", scope="global")
+    assert (small[0].out_channels, small[3].out_channels) == (8, 16)
