@@ -5,11 +5,13 @@ layer's input columns) and the per-member scores are aggregated (``context.reduc
 or max). Built-in criteria, after the textbook chapter the project follows:
 
 =============  ==================================================================================
-``magnitude``  sum of |w| over every slice of the unit (element-wise magnitude, summed)
+``magnitude``  mean |w| over the unit's slice in each member (element-wise magnitude, averaged, so a
+               BN scale and a 3x3 filter row weigh alike whatever their size)
 ``l1``         L1 norm of the unit's slice in each member
 ``l2``         L2 norm of the unit's slice in each member (default)
 ``gradient``   mean |dL/dw| over calibration batches, summed over the slice
-``taylor``     first-order Taylor: |sum over the slice of w * dL/dw|, gradients summed over batches
+``taylor``     first-order Taylor (Molchanov et al.): |sum over a channel's slice of w * dL/dw| per
+               batch, summed over batches
 ``fpgm``       He et al. 2019: sum of distances from each slice to the others in its member (the
                slices closest to the geometric median are the most replaceable, so score lowest)
 ``bn_scale``   Network Slimming: |gamma| of the normalisation scales in the group (L2 when a group
@@ -143,7 +145,8 @@ class ScoringContext:
 
     # ----- gradients ---------------------------------------------------------------------------------------
     def gradients(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """Per parameter: ``abs`` = mean |dL/dw| over batches, ``taylor`` = sum over batches of w * dL/dw.
+        """Per parameter: ``abs`` = mean |dL/dw| over batches; ``taylor`` = for dims 0 and 1, the sum over
+        batches of |per-channel sum of w * dL/dw|.
 
         Computed once with ``torch.autograd.grad`` in eval mode: no ``.grad`` fields, hooks or
         BatchNorm statistics are left on the model. Under torch.distributed the sums are
@@ -159,7 +162,8 @@ class ScoringContext:
         names, tensors = list(params), list(params.values())
         flags = [t.requires_grad for t in tensors]
         absolute = [torch.zeros_like(t) for t in tensors]
-        taylor = [torch.zeros_like(t) for t in tensors]
+        taylor = [[torch.zeros(t.shape[d], dtype=torch.float64, device=t.device) for d in range(min(t.ndim, 2))]
+                  for t in tensors]
         batches = 0
         try:
             for t in tensors:
@@ -171,7 +175,8 @@ class ScoringContext:
                     for k, g in enumerate(grads):
                         if g is not None:
                             absolute[k] += g.abs()
-                            taylor[k] += tensors[k].detach() * g
+                            for d, total in enumerate(taylor[k]):  # |per-channel w*g| of this batch
+                                total += _channel_sums(tensors[k].detach() * g, d).abs()
                     batches += 1
         finally:
             for t, flag in zip(tensors, flags):
@@ -180,10 +185,15 @@ class ScoringContext:
             raise StructPruneError("the calibration data yielded no batches")
         counts = torch.tensor([float(batches)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for buffer in absolute + taylor + [counts]:
+            for buffer in absolute + [t for dims in taylor for t in dims] + [counts]:
                 torch.distributed.all_reduce(buffer)
         self._grads = {name: {"abs": a / counts.item(), "taylor": w} for name, a, w in zip(names, absolute, taylor)}
         return self._grads
+
+
+def _channel_sums(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum over every axis but ``dim`` (float64)."""
+    return values.movedim(dim, 0).reshape(values.shape[dim], -1).sum(1).double()
 
 
 def normalize(scores: np.ndarray, how: Optional[str]) -> np.ndarray:
@@ -207,12 +217,19 @@ def _elementwise(group: Group, ctx: ScoringContext, fn: Callable[[torch.Tensor],
 
 @register_criterion("magnitude")
 def magnitude(group: Group, ctx: ScoringContext) -> np.ndarray:
-    """Sum of |w| over every slice of the unit (member scores summed, whatever ``reduction``)."""
+    """Mean |w| over the unit's slice in each member, aggregated over members.
+
+    Unlike ``l1`` (the slice's norm), members with long slices (conv filters) do not outweigh
+    members with one weight per channel (BN scales, biases).
+    """
     per_member = []
     for space, index, t in ctx.trainable_members(group):
         values = ctx.axis_sums(space.tensor, lambda: t.detach().abs(), "abs", space.dim)
-        per_member.append(np.bincount(index, weights=values, minlength=group.n_units))
-    return np.sum(per_member, axis=0) if per_member else np.zeros(group.n_units)
+        per_position = t.numel() // t.shape[space.dim]
+        sums = np.bincount(index, weights=values, minlength=group.n_units)
+        counts = np.bincount(index, minlength=group.n_units) * per_position
+        per_member.append(sums / np.maximum(counts, 1))
+    return ctx.combine(group, per_member)
 
 
 @register_criterion("l1")
@@ -240,12 +257,17 @@ def gradient(group: Group, ctx: ScoringContext) -> np.ndarray:
 
 @register_criterion("taylor")
 def taylor(group: Group, ctx: ScoringContext) -> np.ndarray:
-    """First-order Taylor importance |sum over the slice of w * dL/dw| per unit and member."""
+    """First-order Taylor importance: per batch |sum over the channel's slice of w * dL/dw|, summed
+    over batches (taking the magnitude per batch keeps opposite-signed batches from cancelling)."""
     grads = ctx.gradients()
     per_member = []
-    for space, index, _ in ctx.trainable_members(group):
-        values = ctx.axis_sums(space.tensor, lambda: grads[space.tensor]["taylor"], "taylor", space.dim)
-        per_member.append(np.abs(np.bincount(index, weights=values, minlength=group.n_units)))
+    for space, index, t in ctx.trainable_members(group):
+        per_dim = grads[space.tensor]["taylor"]
+        if space.dim < len(per_dim):
+            values = per_dim[space.dim].cpu().numpy()
+        else:  # an axis beyond the first two (rare): fall back to the summed-then-absolute form
+            values = np.abs(_channel_sums(t.detach() * grads[space.tensor]["abs"], space.dim).cpu().numpy())
+        per_member.append(np.bincount(index, weights=values, minlength=group.n_units))
     return ctx.combine(group, per_member)
 
 

@@ -51,8 +51,8 @@ def test_l1_l2_magnitude_match_the_formulas(model):
     l2 = (rows.norm(dim=1) + cols.norm(dim=1)) / 2
     np.testing.assert_allclose(_group_scores(model, X, "l1")[0], l1.numpy(), rtol=1e-6)
     np.testing.assert_allclose(_group_scores(model, X, "l2")[0], l2.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(_group_scores(model, X, "magnitude")[0], (rows.abs().sum(1) + cols.abs().sum(1)).numpy(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(_group_scores(model, X, "magnitude")[0],
+                               ((rows.abs().mean(1) + cols.abs().mean(1)) / 2).numpy(), rtol=1e-6)
     np.testing.assert_allclose(_group_scores(model, X, "l2", reduction="max")[0],
                                torch.maximum(rows.norm(dim=1), cols.norm(dim=1)).numpy(), rtol=1e-6)
     np.testing.assert_allclose(_group_scores(model, X, "l2", reduction="sum")[0],
@@ -88,10 +88,8 @@ def test_taylor_and_gradient_against_autograd(model):
     batches = [torch.randn(2, 2, 5, 5) for _ in range(3)]
     grads = [torch.autograd.grad(_known_loss(model, b), [model.conv1.weight, model.conv2.weight]) for b in batches]
     w1, w2 = model.conv1.weight.detach(), model.conv2.weight.detach()
-    g1 = sum(g[0] for g in grads)
-    g2 = sum(g[1] for g in grads)
-    taylor_rows = (w1 * g1).reshape(4, -1).sum(1).abs()
-    taylor_cols = (w2 * g2)[0, :, 0, 0].abs()
+    taylor_rows = sum((w1 * g[0]).reshape(4, -1).sum(1).abs() for g in grads)  # |per-channel w*g| per batch
+    taylor_cols = sum((w2 * g[1])[0, :, 0, 0].abs() for g in grads)
     scores, _ = _group_scores(model, X, "taylor", data=batches, loss_fn=_known_loss)
     np.testing.assert_allclose(scores, ((taylor_rows + taylor_cols) / 2).double().numpy(), rtol=1e-4)
     mean_abs_rows = (sum(g[0].abs() for g in grads) / 3).reshape(4, -1).sum(1)
