@@ -274,7 +274,8 @@ def verdict(runs: list[dict], criteria: list[str], ratio: float, scopes: list[st
                 continue
             m, s = mean_std(diffs)
             wins = sum(d > 0 for d in diffs)
-            text = f"{c} ({m:+.1f} ± {s:.1f} points, ahead in {wins}/{len(diffs)} seeds)"
+            spread = f" ± {s:.1f}" if len(diffs) > 1 else ""
+            text = f"{c} ({m:+.1f}{spread} points, ahead in {wins}/{len(diffs)} seeds)"
             (beat if m > 0 else lose).append((m, text))
         beat.sort(key=lambda t: -t[0])
         lose.sort(key=lambda t: -t[0])
@@ -286,6 +287,35 @@ def verdict(runs: list[dict], criteria: list[str], ratio: float, scopes: list[st
             parts.append(" No result (slim raised): " + ", ".join(missing) + ".")
         lines.append("".join(parts))
     return lines
+
+
+def observations(runs: list[dict], criteria: list[str], ratios: list[float], scopes: list[str],
+                 params_base: int) -> list[str]:
+    """Two facts computed from the results that qualify the tables."""
+    out = []
+    best = None
+    for c in criteria:
+        for s in scopes:
+            for r in ratios:
+                vals, _ = cell_values(runs, c, r, s, "one_shot")
+                if vals and (best is None or statistics.fmean(vals) > best[0]):
+                    best = (statistics.fmean(vals), c, s, r)
+    if best is not None:
+        out.append(f"One-shot (no fine-tuning, no BatchNorm recalibration), the best mean accuracy of any "
+                   f"criterion is {100 * best[0]:.1f}% ({best[1]}, {best[2]} scope, ratio {best[3]}).")
+    if "global" in scopes:
+        spans = []
+        for r in ratios:
+            means = [statistics.fmean(v) for c in criteria
+                     for v in [cell_values(runs, c, r, "global", "params_removed")[0]] if v]
+            if means:
+                spans.append(f"{100 * min(means) / params_base:.1f}-{100 * max(means) / params_base:.1f}% at "
+                             f"ratio {r}")
+        if spans:
+            out.append("Under global scope the ratio is a fraction of channels, so the parameters removed depend "
+                       "on which channels a criterion picks (" + "; ".join(spans) + "): global comparisons "
+                       "are not at exactly equal parameter budgets.")
+    return [" ".join(out), ""] if out else []
 
 
 def display_path(path: str) -> str:
@@ -322,7 +352,7 @@ def write_markdown(path: str, res: dict[str, Any], command: str, png_path: str, 
         f"thread(s), torch {res['env']['torch']}). Library code measured: {res['env']['structprune_commit']}. "
         f"Raw results: [{display_path(json_path)}]({os.path.relpath(os.path.abspath(json_path), os.path.dirname(os.path.abspath(path)))}).",
         "",
-        f"**Unpruned baseline: {bm:.1f} ± {bs:.1f}% test accuracy** "
+        f"**Unpruned baseline: {bm:.1f}{f' ± {bs:.1f}' if n > 1 else ''}% test accuracy** "
         f"(per seed: {', '.join(f'{100 * a:.1f}' for a in base_acc)}).",
         "",
         f"**Which criteria beat random at ratio {max(ratios)} after fine-tuning** (mean paired difference in "
@@ -331,6 +361,7 @@ def write_markdown(path: str, res: dict[str, Any], command: str, png_path: str, 
     ]
     lines += verdict(runs, criteria, max(ratios), scopes)
     lines.append("")
+    lines += observations(runs, criteria, ratios, scopes, params_base)
     if cfg["quick"] or n < len(SEEDS) or len(ratios) < len(RATIOS):
         lines += ["*This is a reduced smoke-test run (fewer seeds, ratios or epochs than the full experiment); "
                   "do not read anything into the numbers.*", ""]
