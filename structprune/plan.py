@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from torch import nn
 
-from .criteria import Criterion, ScoringContext, normalize
+from .criteria import NORMALIZATIONS, Criterion, ScoringContext, normalize
 from .errors import InvalidRatioError, StructPruneError
 from .graph import DependencyGraph, Group
 
@@ -65,6 +65,8 @@ class PlanOptions:
         for name, value in [("max_group_ratio", self.max_group_ratio)] + list(self.ratios.items()):
             if not 0 <= value <= 1:
                 raise InvalidRatioError(f"{name} must be in [0, 1], got {value}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {self.normalize!r}")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise ValueError(f"round_to must be a positive integer, got {self.round_to!r}")
 

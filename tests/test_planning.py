@@ -93,6 +93,12 @@ def test_unreachable_target_and_bad_options_are_explained():
         sp.slim(model, X, 0.5, scope="everywhere")
     with pytest.raises(ValueError, match="round_to"):
         sp.slim(model, X, 0.5, round_to=0)
+    with pytest.raises(ValueError, match="normalize"):
+        sp.slim(model, X, 0.5, normalize="median")
+    with pytest.raises(ValueError, match="reduction"):
+        sp.slim(model, X, 0.5, reduction="median")
+    with pytest.raises(sp.InvalidRatioError):
+        sp.slim(model, X, 0.5, ratios={"fc.*": 1.5})
 
 
 def test_global_ties_are_shared_in_proportion_to_layer_size():
