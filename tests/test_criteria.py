@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import structprune as sp
 from structprune.criteria import ScoringContext, get_criterion

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 
-from .context import RuleContext
 from .elementwise import unary
 from .registry import rule
 
