@@ -366,37 +366,31 @@ def write_markdown(path: str, res: dict[str, Any], command: str, png_path: str, 
         lines += ["*This is a reduced smoke-test run (fewer seeds, ratios or epochs than the full experiment); "
                   "do not read anything into the numbers.*", ""]
 
+    def table(cell) -> list[str]:
+        """One row per criterion, one column per (scope, ratio); ``cell(criterion, ratio, scope)``."""
+        rows = ["| criterion | " + " | ".join(f"{s} {r}" for s in scopes for r in ratios) + " |",
+                "| --- |" + " ---: |" * (len(scopes) * len(ratios))]
+        rows += [f"| {c} | " + " | ".join(cell(c, r, s) for s in scopes for r in ratios) + " |" for c in criteria]
+        return rows + [""]
+
     for mode in MODES:
         lines += [f"## {MODE_TITLE[mode].capitalize()} accuracy (%)", ""]
-        header = "| criterion | " + " | ".join(f"{s} {r}" for s in scopes for r in ratios) + " |"
-        lines += [header, "| --- |" + " ---: |" * (len(scopes) * len(ratios))]
-        for c in criteria:
-            cells = []
-            for s in scopes:
-                for r in ratios:
-                    vals, _ = cell_values(runs, c, r, s, mode)
-                    cells.append(fmt_pct(vals, n, first_error_label(runs, labels, c, r, s)))
-            lines.append(f"| {c} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += table(lambda c, r, s, mode=mode: fmt_pct(cell_values(runs, c, r, s, mode)[0], n,
+                                                         first_error_label(runs, labels, c, r, s)))
 
     lines += ["## Parameters removed", "",
               f"Out of {params_base:,}; mean over seeds (local scope removes the same channels count from every "
               "group, so its counts do not depend on the criterion; global scope does).", ""]
-    header = "| criterion | " + " | ".join(f"{s} {r}" for s in scopes for r in ratios) + " |"
-    lines += [header, "| --- |" + " ---: |" * (len(scopes) * len(ratios))]
-    for c in criteria:
-        cells = []
-        for s in scopes:
-            for r in ratios:
-                vals, _ = cell_values(runs, c, r, s, "params_removed")
-                if vals:
-                    m = statistics.fmean(vals)
-                    cells.append(f"{m:,.0f} ({100 * m / params_base:.1f}%)")
-                else:
-                    label = first_error_label(runs, labels, c, r, s)
-                    cells.append(f"error {label}" if label else "—")
-        lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    lines.append("")
+
+    def removed(c, r, s) -> str:
+        vals, _ = cell_values(runs, c, r, s, "params_removed")
+        if vals:
+            m = statistics.fmean(vals)
+            return f"{m:,.0f} ({100 * m / params_base:.1f}%)"
+        label = first_error_label(runs, labels, c, r, s)
+        return f"error {label}" if label else "—"
+
+    lines += table(removed)
 
     if errors:
         lines += ["## Errors", "", "`slim` (or the pruned model) raised for these criterion/scope combinations; "
