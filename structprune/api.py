@@ -1,6 +1,7 @@
 """``slim()``: trace -> group -> score -> plan -> shrink -> verify, in one call."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -89,17 +90,11 @@ def slim_with_report(model: nn.Module, example_input: Any, ratio: Optional[float
     params_before = count_parameters(model)
     exact_part = _verify_exact_part(dg, model, plan, dropped) if verify else None
     reference = zeroed_reference(dg, dropped) if verify else None
-    result = None
-    if inplace:
-        pruned = model
-        with rollback(pruned):
-            shrink(pruned, dg, dropped)
-            if verify:
-                result = _checked(dg, plan, pruned, dropped, reference, exact_part)
-    else:
-        pruned = shrunk_copy(model, dg, dropped)
-        if verify:
-            result = _checked(dg, plan, pruned, dropped, reference, exact_part)
+    with rollback(model) if inplace else contextlib.nullcontext():
+        if inplace:
+            shrink(model, dg, dropped)
+        pruned = model if inplace else shrunk_copy(model, dg, dropped)
+        result = _checked(dg, plan, pruned, dropped, reference, exact_part) if verify else None
     report = SlimReport(dg, plan, params_before, count_parameters(pruned), result,
                         {gid: (dg.groups[gid].n_units, dg.groups[gid].n_units - len(units))
                          for gid, units in plan.drops.items()})

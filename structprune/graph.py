@@ -195,7 +195,6 @@ class DependencyGraph:
         # two spaces are in one group when an element of one shares a unit with an element of the other
         space_group = connected_components(n_spaces, element_space, element_space[unit_root])
         element_group = space_group[element_space]
-        self.group_root = element_group
 
         frozen = np.zeros(n, bool)
         reasons: Dict[int, str] = {}
@@ -204,7 +203,6 @@ class DependencyGraph:
             frozen[roots] = True
             for r in np.unique(roots[:64]).tolist():
                 reasons.setdefault(r, why)
-        self.frozen_unit_root = frozen  # indexed by unit root
         inexact_groups = set(np.unique(element_group[np.concatenate([e for e, _ in state.inexact])]).tolist()) \
             if state.inexact else set()
         # elements whose group only sees per-channel ops: their pruning can be checked value for value

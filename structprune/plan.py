@@ -14,6 +14,7 @@ lets :func:`search_target` bisect on the ratio to hit a parameter or MAC budget.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass, field
@@ -238,5 +239,4 @@ def search_target(planner: Planner, options: PlanOptions, removed_fraction: Call
 
 
 def _with_ratio(options: PlanOptions, ratio: float) -> PlanOptions:
-    return PlanOptions(ratio, options.scope, options.max_group_ratio, options.round_to, options.ignore,
-                       options.ratios, options.normalize)
+    return dataclasses.replace(options, ratio=ratio)

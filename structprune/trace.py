@@ -64,11 +64,11 @@ class Trace:
     def run_args(self, inputs: Inputs) -> list:
         """Positional arguments for the graph's placeholders. Tensors are cloned, so an in-place op
         at the start of ``forward`` never reaches the caller's example input."""
+        fresh = inputs.cloned()
         values = dict(self.defaults)
-        values.update(zip(self.parameter_names, inputs.args))
-        values.update(inputs.kwargs)
-        return [values[name].clone() if isinstance(values[name], torch.Tensor) else values[name]
-                for name in self.parameter_names]
+        values.update(zip(self.parameter_names, fresh.args))
+        values.update(fresh.kwargs)
+        return [values[name] for name in self.parameter_names]
 
 
 class LeafTracer(fx.Tracer):

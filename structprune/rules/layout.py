@@ -179,14 +179,10 @@ def _reads_shape_of(node: fx.Node) -> bool:
 
 
 @rule(torch.flatten, ".flatten", "aten.flatten", nn.Flatten, ".unflatten", torch.unflatten, nn.Unflatten,
-      "aten.unflatten")
+      "aten.unflatten", ".squeeze", torch.squeeze, "aten.squeeze", ".unsqueeze", torch.unsqueeze, "aten.unsqueeze")
 def flatten(ctx: RuleContext, node):
-    """Flatten: each channel expands into its block of trailing positions (flatten -> linear)."""
-    return reshape_label(ctx, ctx.arg(0), ctx.out.shape)
-
-
-@rule(".squeeze", torch.squeeze, "aten.squeeze", ".unsqueeze", torch.unsqueeze, "aten.unsqueeze")
-def squeeze(ctx: RuleContext, node):
+    """Reshapes without size arguments. Flatten: each channel expands into its block of trailing
+    positions (flatten -> linear); (un)squeeze only adds or drops size-1 axes."""
     return reshape_label(ctx, ctx.arg(0), ctx.out.shape)
 
 

@@ -23,8 +23,7 @@ def _per_channel(ctx: RuleContext, x, cax: int, members) -> tuple:
     size = ctx.meta(x).shape[cax]
     channel = label[cax]
     for member in members:
-        if member is not None:
-            ctx.unify(member, channel, size)
+        ctx.attach(member, channel, size)
     return label
 
 
