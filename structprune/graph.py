@@ -142,7 +142,7 @@ class DependencyGraph:
             canonical.setdefault(id(t), name)  # a shared tensor is known by its first name
         by_name = {name: canonical[id(t)] for name, t in tensors.items()}
         labels: Dict[fx.Node, Label] = {}
-        ctx = RuleContext(trace.module, self.model, state, labels, canonical)
+        ctx = RuleContext(trace.module, self.model, state, labels, canonical, exported=trace.tracer == "export")
         for node in trace.graph.nodes:
             meta = node.meta.get(META_KEY)
             if node.op == "placeholder":

@@ -14,15 +14,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from .attributes import refresh_size_attributes
 from .copying import deep_copy_module
 from .graph import DependencyGraph
 
 Updater = Callable[[nn.Module, Dict[str, tuple]], None]
-_UPDATERS: Dict[type, Updater] = {}
+_UPDATERS: Dict[object, Updater] = {}
 
 
 def updater(*classes):
-    """Register ``fn(module, old_shapes)`` to refresh metadata of ``classes`` after slicing."""
+    """Register ``fn(module, old_shapes)`` to refresh metadata of ``classes`` after slicing. A class
+    may be given as its ``"module.QualName"`` string, so a library need not be imported to register."""
 
     def register(fn: Updater) -> Updater:
         for cls in classes:
@@ -34,8 +36,9 @@ def updater(*classes):
 
 def _find_updater(module: nn.Module):
     for base in type(module).__mro__:
-        if base in _UPDATERS:
-            return _UPDATERS[base]
+        fn = _UPDATERS.get(base) or _UPDATERS.get(f"{base.__module__}.{base.__qualname__}")
+        if fn is not None:
+            return fn
     return None
 
 
@@ -74,6 +77,21 @@ def _group_norm(m, old):
     per_group = old["weight"][0] // m.num_groups
     m.num_channels = m.weight.shape[0]
     m.num_groups = m.num_channels // per_group
+
+
+@updater(nn.MultiheadAttention)
+def _multihead_attention(m, old):
+    head_dim = m.embed_dim // m.num_heads
+    rows = (m.in_proj_weight.shape[0] // 3) if m.in_proj_weight is not None else m.q_proj_weight.shape[0]
+    m.embed_dim = m.kdim = m.vdim = rows
+    m.num_heads = rows // head_dim
+    m.head_dim = head_dim
+
+
+@updater("transformers.pytorch_utils.Conv1D")
+def _hf_conv1d(m, old):
+    """Hugging Face's Conv1D (GPT-2) stores its weight as (in, out) and reshapes with ``self.nf``."""
+    m.nx, m.nf = m.weight.shape
 
 
 @updater(nn.PReLU)
@@ -126,6 +144,9 @@ def _refresh_metadata(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray
     for path, attribute, elements in dg.state.widths:  # widths no tensor records
         kept = int((~dropped[elements[elements >= 0]]).sum() + (elements < 0).sum())
         setattr(model.get_submodule(path), attribute, kept)
+    for note in refresh_size_attributes(model, dg.state.head_splits, dropped, touched):
+        if note not in dg.notes:
+            dg.notes.append(note)
 
 
 def shrink(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> List[nn.Module]:

@@ -56,6 +56,8 @@ class ChannelState:
     inexact: list = field(default_factory=list)  # (elements, reason)
     producers: list = field(default_factory=list)  # elements that originate a structure
     widths: list = field(default_factory=list)  # (module path, attribute, elements): widths no tensor records
+    head_splits: list = field(default_factory=list)  # attributes.HeadSplit: where projections split into heads
+    attention: str = "heads"  # what a head split prunes: whole "heads" or the same "head_dims" in every head
 
     def param_axis(self, tensor: str, dim: int, size: int) -> np.ndarray:
         """Elements of axis ``dim`` of the named tensor, created on first use."""

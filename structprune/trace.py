@@ -7,6 +7,7 @@ parameters are reachable under the original fully-qualified names.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
@@ -120,8 +121,45 @@ def _fx_trace(model: nn.Module, inputs: Inputs, is_rule_leaf) -> Trace:
     return Trace(tracer.root, graph, "fx", inputs, tuple(p.name for p in params), concrete)
 
 
+def output_tensors(value: Any) -> list:
+    """The tensors of a model output, in order, through tuples, lists, dicts and Hugging Face
+    ``ModelOutput``s; other objects (a KV cache, ``None``) are state, not results, and are skipped."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in output_tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [x for v in value for x in output_tensors(v)]
+    if hasattr(value, "to_tuple"):  # Hugging Face ModelOutput
+        return output_tensors(value.to_tuple())
+    return []
+
+
+@contextlib.contextmanager
+def tensor_outputs(model: nn.Module):
+    """Make ``model`` return only its output tensors while torch.export runs: export rejects output
+    objects it cannot flatten (a Hugging Face ``DynamicCache``), and what such objects hold (cached keys
+    and values) is state the pruned model recomputes at its new width, not an output to protect."""
+    original = model.forward
+    own = vars(model).get("forward")  # a forward set on the instance itself, restored afterwards
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        return tuple(output_tensors(original(*args, **kwargs)))
+
+    model.forward = forward
+    try:
+        yield model
+    finally:
+        if own is None:
+            del model.forward  # the class's forward shows through again
+        else:
+            model.forward = own
+
+
 def _export_trace(model: nn.Module, inputs: Inputs) -> Trace:
-    ep = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
+    with tensor_outputs(model):
+        ep = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
     gm = ep.module()
     sig = inspect.signature(model.forward)
     names = [p.name for p in sig.parameters.values()][: len(inputs.args)] + list(inputs.kwargs)

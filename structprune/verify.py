@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from .graph import DependencyGraph
 from .spaces import Label
-from .trace import eval_mode
+from .trace import eval_mode, output_tensors
 
 RTOL = 1e-4  # relative to the largest reference magnitude: pruning only reorders float sums
 
@@ -64,18 +64,6 @@ class ZeroingInterpreter(fx.Interpreter):
         return _zero_dropped(super().run_node(n), self._labels.get(n), self._dropped)
 
 
-def _flatten(value: Any) -> List[Any]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in _flatten(v)]
-    if isinstance(value, (tuple, list)):
-        return [x for v in value for x in _flatten(v)]
-    if hasattr(value, "to_tuple"):  # Hugging Face ModelOutput
-        return _flatten(value.to_tuple())
-    return []
-
-
 def zeroed_reference(dg: DependencyGraph, dropped: np.ndarray) -> Any:
     """Outputs of the original model with every dropped channel zeroed (run before shrinking, since an
     in-place shrink changes the very modules the captured graph calls)."""
@@ -103,7 +91,7 @@ def verify(dg: DependencyGraph, pruned: nn.Module, dropped: np.ndarray, referenc
         except Exception as error:
             return VerificationResult(False, exact, float("inf"),
                                       f"the pruned model failed to run: {type(error).__name__}: {error}")
-    ref_items, out_items = _flatten(reference), _flatten(result)
+    ref_items, out_items = output_tensors(reference), output_tensors(result)
     if len(ref_items) != len(out_items):
         return VerificationResult(False, exact, float("inf"),
                                   f"the pruned model returns {len(out_items)} tensors, the original {len(ref_items)}")

@@ -175,7 +175,10 @@ class NumpyStyleReductions(nn.Module):
 def test_reduction_argument_layouts():
     small, report = sp.slim_with_report(NumpyStyleReductions(), torch.randn(2, 3, 4, 4), 0.5)
     assert report.verification.passed
-    assert small.c1.out_channels == 8  # std across channels pins them
+    # std across channels (dim 1, read past ``unbiased``) is a statistic over the pruned channels:
+    # they stay prunable, but the group can only be checked approximately
+    group = next(g for g in report.graph.groups if any(str(s) == "c1.weight[dim 0]" for s in g.spaces))
+    assert not group.exact and small.c1.out_channels == 4
 
 
 class MixedExactness(nn.Module):

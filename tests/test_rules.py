@@ -451,17 +451,19 @@ class Reductions(nn.Module):
         super().__init__()
         self.a = nn.Conv2d(3, 8, 1)
         self.b = nn.Conv2d(3, 8, 1)
+        self.c = nn.Conv2d(3, 8, 1)
         self.head = nn.Linear(8, 2)
 
     def forward(self, x):
-        gate = self.a(x).sum(dim=1, keepdim=True)  # across channels: a's channels are frozen
-        y = torch.softmax(self.b(x), dim=1) * gate  # softmax over channels: approximate
+        gate = self.a(x).sum(dim=1, keepdim=True)  # a statistic across channels: approximate
+        pick = self.c(x).argmax(dim=1, keepdim=True).float()  # an index across channels: frozen
+        y = torch.softmax(self.b(x), dim=1) * gate * pick  # softmax over channels: approximate
         return self.head(y.amax(dim=(2, 3)))
 
 
-def test_cross_channel_reductions_freeze_and_softmax_is_approximate():
+def test_cross_channel_statistics_are_approximate_and_index_reductions_freeze():
     small, report = sp.slim_with_report(Reductions(), torch.randn(2, 3, 4, 4), 0.5)
-    assert small.a.out_channels == 8 and small.b.out_channels == 4
+    assert small.a.out_channels == 4 and small.b.out_channels == 4 and small.c.out_channels == 8
     assert report.verification.passed and not report.verification.exact
 
 

@@ -1,5 +1,5 @@
 """Op rules. Importing this package registers every built-in rule."""
-from . import conv, elementwise, layout, linear, norm, zoo  # noqa: F401  (registration side effects)
+from . import attention, conv, elementwise, layout, linear, norm, zoo  # noqa: F401  (registration side effects)
 from .context import RuleContext
 from .registry import has_module_rule, lookup, op_name, rule
 

@@ -15,13 +15,14 @@ class RuleContext:
     """Helpers shared by all rules; one instance serves a whole graph walk."""
 
     def __init__(self, root: nn.Module, model: nn.Module, state: ChannelState, labels: Dict[fx.Node, Label],
-                 canonical: Dict[int, str]):
+                 canonical: Dict[int, str], exported: bool = False):
         self.root = root  # the traced GraphModule
         self.modules = dict(root.named_modules())
         self.model = model  # the caller's model: module classes and attributes live here
         self.state = state
         self.labels = labels
         self._canonical = canonical  # id(tensor) -> canonical fully-qualified name
+        self.exported = exported  # torch.export bakes every shape read into the graph as a literal
         self.node: Optional[fx.Node] = None
         self.op = ""
 
@@ -118,6 +119,20 @@ class RuleContext:
         value = getattr(owner, attribute, None)
         value = tuple(value) if isinstance(value, (list, tuple)) else value
         return isinstance(owner, cls) and value == literal
+
+    def calling_path(self) -> Optional[str]:
+        """Path of the module whose own forward makes this call (None when unknown)."""
+        stack = self.node.meta.get("nn_module_stack") or {}
+        return list(stack.values())[-1][0] if stack else None
+
+    def calling_module(self) -> Optional[nn.Module]:
+        path = self.calling_path()
+        if path is None:
+            return None
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            return None
 
     # ----- acting on labels -------------------------------------------------------------------
     def unify(self, a: AxisLabel, b: AxisLabel, size: Optional[int] = None) -> None:

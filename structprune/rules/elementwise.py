@@ -134,6 +134,8 @@ _REDUCTIONS = (torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.v
 _REDUCTION_NAMES = ("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod", "max", "min", "norm",
                     "nansum", "nanmean", "argmax", "argmin")
 
+_STATISTICS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm", "nansum", "nanmean"}
+
 
 def _op_name(node) -> str:
     target = node.target
@@ -173,8 +175,12 @@ def reduction(ctx: RuleContext, node):
         ctx.freeze(label, "reduction over non-constant dims")
         return ctx.unlabeled_output()
     dims = {norm_dim(d, meta.ndim) for d in dims}
+    statistic = _op_name(node).rstrip("_") in _STATISTICS
     for d in dims:
-        ctx.freeze(label[d], "reduction across channels")
+        if statistic:  # RMSNorm's mean of squares: removing channels changes the value, not the meaning
+            ctx.state.mark_inexact(label[d], "a statistic over the pruned channels")
+        else:
+            ctx.freeze(label[d], "reduction across channels")
     kept = tuple(None if d in dims else label[d] for d in range(meta.ndim) if keepdim or d not in dims)
     out = ctx.out
     if isinstance(out, (tuple, list)):  # max/min with dim -> (values, indices)

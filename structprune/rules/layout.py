@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..attributes import HeadSplit, size_attributes
 from ..shapes import TensorMeta
 from ..spaces import AxisLabel
 from .context import RuleContext, norm_dim
@@ -51,11 +52,22 @@ def _axis_groups(in_shape: Sequence[int], out_shape: Sequence[int]):
     return groups
 
 
-def reshape_label(ctx: RuleContext, x, out_shape: Sequence[int], literal: Optional[Sequence[bool]] = None):
-    """Labels after reshaping ``x`` to ``out_shape``; ``literal[j]`` says output size j is a baked constant."""
+def reshape_label(ctx: RuleContext, x, out_shape: Sequence[int], kinds: Optional[List[Optional[str]]] = None):
+    """Labels after reshaping ``x`` to ``out_shape``.
+
+    Merging a channel axis with unlabelled axes (flatten -> linear) expands each channel into its
+    block. Splitting one channel axis into several (C -> heads x head_dim) is a *head split*: the
+    split is kept prunable along one axis only, by tying the elements along the others. In
+    ``"heads"`` mode the axis before the innermost one carries the label (whole heads go; q, k and v
+    of a packed projection go together); in ``"head_dims"`` mode the innermost axis does (the same
+    dims go in every head). ``kinds[j]`` receives ``"pass"``, ``"merge"``, ``"heads"`` or
+    ``"head_dim"`` for every labelled output axis j.
+    """
     meta, label = ctx.meta(x), ctx.tlabel(x)
     in_shape = meta.shape
     out: List[AxisLabel] = [None] * len(out_shape)
+    kinds = kinds if kinds is not None else []
+    kinds[:] = [None] * len(out_shape)
     for k, s in enumerate(in_shape):
         if s == 1 and label[k] is not None:
             ctx.freeze(label[k], "reshape drops a labelled size-1 axis")
@@ -73,15 +85,31 @@ def reshape_label(ctx: RuleContext, x, out_shape: Sequence[int], literal: Option
             shape = [1] * len(gi)
             shape[gi.index(k)] = in_shape[k]
             out[gj[0]] = np.broadcast_to(label[k].reshape(shape), block).ravel()
+            kinds[gj[0]] = "pass" if len(gi) == 1 else "merge"
+        elif len(gi) == 1:
+            sizes = [out_shape[j] for j in gj]
+            keeper = len(gj) - 1 if ctx.state.attention == "head_dims" else len(gj) - 2
+            axis = tie_split(ctx, label[gi[0]], sizes, keeper)
+            out[gj[keeper]] = axis
+            kinds[gj[keeper]] = "head_dim" if keeper == len(gj) - 1 else "heads"
+            path = ctx.calling_path()
+            if path is not None:
+                inner = int(np.prod(sizes[keeper + 1:]))
+                split = HeadSplit(path, axis, inner) if keeper < len(gj) - 1 else HeadSplit(path, sizes[-2], axis)
+                ctx.state.head_splits.append(split)
         else:
             for k in labelled:
-                ctx.freeze(label[k], "reshape splits or merges several channel axes")
-    if literal is not None:
-        for j, axis in enumerate(out):
-            if axis is not None and literal[j]:
-                ctx.freeze(axis, "a channel axis sized by a constant in the model code")
-                out[j] = None
+                ctx.freeze(label[k], "reshape splits and merges several channel axes at once")
     return tuple(out)
+
+
+def tie_split(ctx: RuleContext, axis: np.ndarray, sizes: Sequence[int], keeper: int) -> np.ndarray:
+    """Split ``axis`` into ``sizes`` and tie every element to the one at the same index of axis
+    ``keeper`` and index 0 elsewhere; return the labels along ``keeper``."""
+    block = np.moveaxis(axis.reshape(sizes), keeper, 0).reshape(sizes[keeper], -1)
+    if block.shape[1] > 1:
+        ctx.unify(np.repeat(block[:, :1], block.shape[1] - 1, axis=1).ravel(), block[:, 1:].ravel())
+    return block[:, 0].copy()
 
 
 def _shape_args(ctx: RuleContext, node: fx.Node, first: int):
@@ -114,13 +142,36 @@ def size_source(ctx: RuleContext, entry):
     return None
 
 
-def bind_sizes(ctx: RuleContext, out: Sequence[AxisLabel], out_shape: Sequence[int], entries: Sequence) -> tuple:
+_SIZE_ROLES = {"heads": ("heads",), "head_dim": ("head_dim",), "merge": ("heads", "attention_width"),
+               "pass": ("heads", "head_dim", "attention_width"), "split": ("attention_width",)}
+
+
+def adaptable_literal(ctx: RuleContext, literal: int, kind: Optional[str], axis: np.ndarray) -> bool:
+    """Can a literal size of a channel axis follow pruning? Yes when it is the value of a size attribute
+    (``num_heads``, ``config.num_key_value_heads``) of the module making the call: the attribute is
+    rewritten after pruning. Under torch.export also when the axis passes through unchanged: export
+    bakes shape reads such as ``x.size(-1)`` into literals."""
+    module = ctx.calling_module()
+    if module is not None and kind in _SIZE_ROLES:
+        names = size_attributes(module, literal, _SIZE_ROLES[kind])
+        for name in names:
+            if not name.startswith("config."):  # configs are shared: refreshed once, from every layer
+                ctx.state.widths.append((ctx.calling_path(), name, axis))
+        if names:
+            return True
+    return ctx.exported and kind == "pass"
+
+
+def bind_sizes(ctx: RuleContext, out: Sequence[AxisLabel], out_shape: Sequence[int], entries: Sequence,
+               kinds: Optional[Sequence[Optional[str]]] = None) -> tuple:
     """Reconcile the output labels with the size arguments that produced them.
 
-    A literal size pins its axis (frozen). A size read from another tensor's axis must shrink with
-    that axis, so the two are unified. ``-1`` adapts. Any other computed size pins its axis.
+    A size read from another tensor's axis must shrink with that axis, so the two are unified.
+    ``-1`` adapts. A literal that is a module's size attribute adapts (see :func:`adaptable_literal`).
+    Any other literal or computed size pins its axis (frozen).
     """
     out = list(out)
+    kinds = kinds if kinds is not None else ["pass"] * len(out)
     for j, entry in enumerate(entries):
         if entry == -1 and not isinstance(entry, fx.Node):
             continue
@@ -131,6 +182,8 @@ def bind_sizes(ctx: RuleContext, out: Sequence[AxisLabel], out_shape: Sequence[i
             src_axis = src_label[norm_dim(axis, len(src_label))] if src_label else None
             if src_axis is not None or out[j] is not None:
                 ctx.unify(out[j], src_axis, out_shape[j])
+        elif out[j] is not None and _is_literal_size(entry) and adaptable_literal(ctx, entry, kinds[j], out[j]):
+            continue
         elif out[j] is not None and (_is_literal_size(entry) or isinstance(entry, fx.Node)):
             ctx.freeze(out[j], "a channel axis sized by a constant in the model code")
             out[j] = None
@@ -159,7 +212,9 @@ def view(ctx: RuleContext, node):
         labels = reshape_label(ctx, ctx.arg(0), out.shape)
         ctx.freeze(labels, "reshape with an unrecognised size argument")
         return ctx.unlabeled_output()
-    return bind_sizes(ctx, reshape_label(ctx, ctx.arg(0), out.shape), out.shape, entries)
+    kinds: List[Optional[str]] = []
+    labels = reshape_label(ctx, ctx.arg(0), out.shape, kinds)
+    return bind_sizes(ctx, labels, out.shape, entries, kinds)
 
 
 @rule(".reshape_as", ".view_as", "aten.reshape_as", "aten.view_as")
@@ -238,7 +293,9 @@ def _as_array(axis: AxisLabel, size: int) -> np.ndarray:
 
 @rule(torch.cat, torch.concat, torch.concatenate, "aten.cat", "aten.concat")
 def cat(ctx: RuleContext, node):
-    tensors = [t for t in ctx.arg(0, "tensors") if ctx.is_tensor(t)]
+    # torch.cat skips 1-d empty tensors of any rank (an empty KV cache is one)
+    tensors = [t for t in ctx.arg(0, "tensors") if ctx.is_tensor(t)
+               and not (ctx.meta(t).ndim == 1 and ctx.meta(t).shape[0] == 0 and ctx.out.ndim != 1)]
     dim = norm_dim(ctx.arg(1, "dim", node.kwargs.get("axis", 0)), ctx.out.ndim)
     labels = [ctx.tlabel(t) for t in tensors]
     metas = [ctx.meta(t) for t in tensors]
@@ -300,10 +357,17 @@ def chunk(ctx: RuleContext, node):
 
 @rule(torch.split, ".split", "aten.split", "aten.split_with_sizes")
 def split(ctx: RuleContext, node):
+    """Split into pieces. Equal pieces along a channel axis stay prunable when the piece size is a
+    module's size attribute (GPT-2's fused ``c_attn(x).split(self.split_size)``): the pieces are tied
+    position by position and the attribute is rewritten after pruning."""
     x = ctx.arg(0)
     dim = norm_dim(ctx.arg(2, "dim", 0), ctx.meta(x).ndim)
     sizes = [m.shape[dim] for m in ctx.out]
-    return _pieces(ctx, x, dim, sizes, dynamic=False)
+    piece = ctx.arg(1, "split_size", node.kwargs.get("split_size_or_sections"))
+    axis = ctx.tlabel(x)[dim]
+    adaptable = (isinstance(piece, int) and axis is not None and len(sizes) > 1 and len(set(sizes)) == 1
+                 and adaptable_literal(ctx, piece, "split", axis[:piece]))
+    return _pieces(ctx, x, dim, sizes, dynamic=adaptable)
 
 
 @rule(torch.unbind, ".unbind", "aten.unbind")
@@ -348,8 +412,7 @@ def _index_tensor(ctx: RuleContext, x, index):
     meta = ctx.meta(x)
     items = list(index) if isinstance(index, tuple) else [index]
     if any(isinstance(i, (fx.Node, list, torch.Tensor)) and not isinstance(ctx.meta(i), int) for i in items):
-        ctx.freeze(tuple(label), "advanced (tensor) indexing")
-        return ctx.unlabeled_output()
+        return _tensor_index(ctx, label, items)
     n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
     out: List[AxisLabel] = []
     k = 0
@@ -377,6 +440,69 @@ def _index_tensor(ctx: RuleContext, x, index):
         ctx.freeze(tuple(label), "indexing with an unrecognised pattern")
         return ctx.unlabeled_output()
     return tuple(out)
+
+
+@rule(torch.gather, ".gather", "aten.gather", torch.take_along_dim, ".take_along_dim")
+def gather(ctx: RuleContext, node):
+    """``gather(x, dim, index)``: output axes other than ``dim`` pair index i of x with index i of
+    ``index``; the gathered axis mixes positions, so a channel axis there is frozen."""
+    x, index = ctx.arg(0), ctx.arg(2, "index")
+    if "take_along_dim" in str(node.target):
+        x, index, dim = ctx.arg(0), ctx.arg(1, "indices"), ctx.arg(2, "dim")
+    else:
+        dim = ctx.arg(1, "dim")
+    lx, li = ctx.tlabel(x), ctx.tlabel(index)
+    if dim is None or len(lx) != len(li) or len(lx) != ctx.out.ndim:
+        ctx.freeze_inputs("gather with an unrecognised layout")
+        return ctx.unlabeled_output()
+    dim = norm_dim(dim, len(lx))
+    out: List[AxisLabel] = []
+    for k in range(len(lx)):
+        size = ctx.out.shape[k]
+        if k == dim or ctx.meta(x).shape[k] != size:
+            ctx.freeze(lx[k], "gathered or partly read channel axis")
+            out.append(li[k])
+        else:
+            out.append(ctx.unify_all([lx[k], li[k]], size) if li[k] is not None else lx[k])
+    return tuple(out)
+
+
+@rule("aten.index")
+def aten_index(ctx: RuleContext, node):
+    """``x[idx]`` under torch.export: ``aten.index(x, [None, idx, ...])``. Axes indexed by a tensor are
+    replaced by the index's axes (a channel axis there is frozen); the others keep their labels."""
+    x, indices = ctx.arg(0), list(ctx.arg(1))
+    label = list(ctx.tlabel(x))
+    used = [k for k, i in enumerate(indices) if i is not None]
+    if not used or used != list(range(used[0], used[-1] + 1)):
+        ctx.freeze(tuple(label), "indexing with tensors on non-adjacent axes")
+        return ctx.unlabeled_output()
+    return _indexed_axes(ctx, label, used, [indices[k] for k in used])
+
+
+def _tensor_index(ctx: RuleContext, label: list, items: list):
+    """``x[..., idx, ...]`` with index tensors on adjacent axes and full slices elsewhere."""
+    whole = lambda i: isinstance(i, slice) and i == slice(None)  # noqa: E731
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items = items[:at] + [slice(None)] * (len(label) - len(items) + 1) + items[at + 1:]
+    items = items + [slice(None)] * (len(label) - len(items))
+    picked = [k for k, i in enumerate(items) if not whole(i)]
+    if len(items) != len(label) or picked != list(range(picked[0], picked[-1] + 1)) or \
+            not all(isinstance(items[k], fx.Node) and ctx.is_tensor(items[k]) for k in picked):
+        ctx.freeze(tuple(label), "advanced (tensor) indexing with an unrecognised pattern")
+        return ctx.unlabeled_output()
+    return _indexed_axes(ctx, label, picked, [items[k] for k in picked])
+
+
+def _indexed_axes(ctx: RuleContext, label: list, picked: List[int], indices: list):
+    """Labels after indexing axes ``picked`` (adjacent) with tensors: they are replaced by the
+    indices' broadcast axes; a channel axis indexed this way is frozen."""
+    for k, index in zip(picked, indices):
+        ctx.freeze(label[k], "indexing a channel axis with a tensor")
+        ctx.freeze(ctx.label(index), "index tensor")
+    n_index = ctx.out.ndim - (len(label) - len(picked))
+    return tuple(label[:picked[0]] + [None] * n_index + label[picked[-1] + 1:])
 
 
 @rule(torch.select, ".select", "aten.select")

@@ -90,3 +90,21 @@ def matmul(ctx: RuleContext, node):
     out = tuple(batch) + (la[-2], lb[-1])
     ctx.state.mark_producer(lb[-1])
     return out
+
+
+@rule(torch.addmm, "aten.addmm")
+def addmm(ctx: RuleContext, node):
+    """``bias + x @ W`` (Hugging Face's ``Conv1D``, used by GPT-2, stores W as (in, out))."""
+    bias, a, b = ctx.arg(0), ctx.arg(1), ctx.arg(2)
+    la, lb, lbias = ctx.tlabel(a), ctx.tlabel(b), ctx.tlabel(bias)
+    if len(la) != 2 or len(lb) != 2:
+        ctx.freeze_inputs("addmm of inputs that are not matrices")
+        return ctx.unlabeled_output()
+    ctx.unify(la[1], lb[0], ctx.meta(a).shape[1])
+    out_cols = lb[1]
+    if lbias and ctx.meta(bias).shape[-1] == ctx.out.shape[1]:
+        out_cols = ctx.unify_all([out_cols, lbias[-1]], ctx.out.shape[1])
+    if lbias and len(lbias) == 2:
+        ctx.freeze(lbias[0], "addmm with a row-wise bias")
+    ctx.state.mark_producer(out_cols)
+    return (la[0], out_cols)
