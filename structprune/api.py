@@ -69,15 +69,16 @@ def slim_with_report(model: nn.Module, example_input: Any, ratio: Optional[float
                      ratios: Optional[Dict[str, float]] = None, data: Optional[Iterable] = None,
                      loss_fn: Optional[Callable] = None, reduction: str = "mean",
                      normalize: Optional[str] = "mean", seed: Optional[int] = None, verify: bool = True,
-                     inplace: bool = False, tracer: str = "auto") -> Tuple[nn.Module, SlimReport]:
+                     inplace: bool = False, tracer: str = "auto", attention: str = "heads",
+                     hidden: bool = True) -> Tuple[nn.Module, SlimReport]:
     """Like :func:`slim`, also returning a :class:`SlimReport`."""
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     budget = _check_target(target)
     ratio = _check_ratio(0.5 if budget else ratio)  # with a target the ratio is searched for
-    options = PlanOptions(ratio, scope, max_group_ratio, round_to, ignore, dict(ratios or {}), normalize)
+    options = PlanOptions(ratio, scope, max_group_ratio, round_to, ignore, dict(ratios or {}), normalize, hidden)
     score = get_criterion(criterion)
-    dg = DependencyGraph(model, example_input, tracer=tracer)
+    dg = DependencyGraph(model, example_input, tracer=tracer, attention=attention)
     _check_materialised(model, criterion, verify)
     context = ScoringContext(model, dg, data=data, loss_fn=loss_fn, reduction=reduction, seed=seed)
     planner = Planner(dg, context, score, ignore)
@@ -106,7 +107,8 @@ def slim(model: nn.Module, example_input: Any, ratio: Optional[float] = 0.5, *,
          max_group_ratio: float = 1.0, round_to: Optional[int] = None, ignore: Sequence[Any] = (),
          ratios: Optional[Dict[str, float]] = None, data: Optional[Iterable] = None,
          loss_fn: Optional[Callable] = None, reduction: str = "mean", normalize: Optional[str] = "mean",
-         seed: Optional[int] = None, verify: bool = True, inplace: bool = False, tracer: str = "auto") -> nn.Module:
+         seed: Optional[int] = None, verify: bool = True, inplace: bool = False, tracer: str = "auto",
+         attention: str = "heads", hidden: bool = True) -> nn.Module:
     """Return a structurally pruned copy of ``model``.
 
     Args:
@@ -136,6 +138,12 @@ def slim(model: nn.Module, example_input: Any, ratio: Optional[float] = 0.5, *,
             raise :class:`VerificationError` (leaving ``model`` untouched) if they disagree.
         inplace: prune ``model`` itself instead of a deep copy (restored if anything fails).
         tracer: ``"auto"`` (torch.fx, then torch.export when fx fails), ``"fx"`` or ``"export"``.
+        attention: where a projection is split into heads (found in the graph, no head count needed),
+            prune whole ``"heads"`` (default; grouped-query attention drops a key/value head with its
+            query heads) or the same ``"head_dims"`` in every head (the softmax scale is kept: head
+            dims under an implicit ``1/sqrt(head_dim)`` scale stay whole).
+        hidden: also prune widths that LayerNorm/RMSNorm normalise (a transformer's residual stream,
+            embeddings and tied heads included). ``False`` prunes only heads and feed-forward widths.
 
     Returns:
         The pruned model: same classes, attribute names and ``state_dict`` keys, smaller tensors.
@@ -143,7 +151,8 @@ def slim(model: nn.Module, example_input: Any, ratio: Optional[float] = 0.5, *,
     return slim_with_report(model, example_input, ratio, criterion=criterion, scope=scope, target=target,
                             max_group_ratio=max_group_ratio, round_to=round_to, ignore=ignore, ratios=ratios,
                             data=data, loss_fn=loss_fn, reduction=reduction, normalize=normalize, seed=seed,
-                            verify=verify, inplace=inplace, tracer=tracer)[0]
+                            verify=verify, inplace=inplace, tracer=tracer, attention=attention,
+                            hidden=hidden)[0]
 
 
 def _check_target(target: Optional[Dict[str, float]]) -> Optional[Tuple[str, float]]:

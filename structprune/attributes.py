@@ -99,6 +99,7 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
                             old_shapes: Dict[nn.Module, Dict[str, tuple]]) -> List[str]:
     """Rewrite the size attributes of ``model`` (already shrunk) and of its configs; return notes."""
     facts: Dict[str, List[Tuple[int, int]]] = {role: [] for role in SIZE_ATTRIBUTES}  # role -> (old, new)
+    updates: Dict[Tuple[str, str], set] = {}
     for split in splits:
         module = model.get_submodule(split.path)
         heads = (_size(split.heads), _kept(split.heads, dropped))
@@ -108,7 +109,11 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
             facts[role].append((old, new))
             for name, value in _int_attributes(module):
                 if value == old and role_of(name) == role:
-                    setattr(module, name, new)
+                    updates.setdefault((split.path, name), set()).add(new)
+    notes = []
+    for (path, name), values in updates.items():
+        if len(values) == 1:  # splits that disagree (q and v heads of different widths) leave it alone
+            setattr(model.get_submodule(path), name, values.pop())
     for module, shapes in old_shapes.items():
         for name, old in shapes.items():
             new = getattr(module, name).shape
@@ -121,11 +126,12 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
     if isinstance(embeddings, nn.Embedding) and embeddings in old_shapes:
         facts["hidden"] = [(old_shapes[embeddings]["weight"][1], embeddings.weight.shape[1])]
-    return _refresh_configs(model, facts)
+    return notes + _refresh_configs(model, facts)
 
 
 def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]]) -> List[str]:
     notes = []
+    head_dims = {new for _, new in facts["head_dim"]}
     configs = {id(c): c for m in model.modules() for c in [getattr(m, "config", None)]
                if c is not None and not isinstance(c, nn.Module) and hasattr(c, "__dict__")}
     for config in configs.values():
@@ -139,4 +145,16 @@ def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]]) 
             elif len(new) > 1:
                 notes.append(f"config.{name} was {value}; layers now differ ({sorted(new)}), so it was left as is "
                              f"and describes the original model")
+        _pin_head_dim(config, head_dims)
     return notes
+
+
+def _pin_head_dim(config: Any, head_dims: set) -> None:
+    """Hugging Face attention derives ``head_dim = hidden_size // num_attention_heads`` unless the
+    config says otherwise; once heads and hidden width are pruned apart that no longer holds."""
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if len(head_dims) != 1 or not isinstance(heads, int) or not isinstance(hidden, int) or heads <= 0:
+        return
+    head_dim = next(iter(head_dims))
+    if getattr(config, "head_dim", None) is None and hidden // heads != head_dim:
+        config.head_dim = head_dim

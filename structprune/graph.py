@@ -93,6 +93,9 @@ def named_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
     return tensors
 
 
+ATTENTION_MODES = ("heads", "head_dims")
+
+
 class DependencyGraph:
     """Coupled channel groups of ``model`` for ``example_input``.
 
@@ -100,13 +103,15 @@ class DependencyGraph:
     >>> [g for g in dg.groups if g.prunable]
     """
 
-    def __init__(self, model: nn.Module, example_input: Any, *, tracer: str = "auto"):
+    def __init__(self, model: nn.Module, example_input: Any, *, tracer: str = "auto", attention: str = "heads"):
         if not isinstance(model, nn.Module):
             raise InvalidModelError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, not {attention!r}")
         self.model = model
         self.inputs = Inputs.from_example(example_input)
         self.tensors = named_tensors(model)
-        self.state = ChannelState()
+        self.state = ChannelState(attention=attention)
         self.unknown_ops: Counter = Counter()
         self.notes: List[str] = []
         self.trace: Trace = capture(model, self.inputs, has_module_rule, tracer=tracer)

@@ -10,7 +10,10 @@ lets :func:`search_target` bisect on the ratio to hit a parameter or MAC budget.
 - ``ratios={"layer4.*": 0.7}`` fixes the ratio of matching layers (by module name); ``ignore``
   (names or globs, instances, or types) keeps the matching modules' own channels (a conv's
   filters, a norm's channels) while they still follow a narrower input; ``round_to=N`` keeps
-  widths that are multiples of N. Every layer and every member tensor keeps at least one channel.
+  widths that are multiples of N. Every layer and every member tensor keeps at least one channel;
+- ``hidden=False`` keeps every group whose channels a LayerNorm/RMSNorm (or another statistic over
+  channels) normalises: in a transformer that is the residual stream (the hidden size), so only
+  heads and feed-forward widths shrink.
 """
 from __future__ import annotations
 
@@ -59,6 +62,7 @@ class PlanOptions:
     ignore: Sequence[Any] = ()
     ratios: Dict[str, float] = field(default_factory=dict)
     normalize: Optional[str] = "mean"
+    hidden: bool = True
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -138,6 +142,8 @@ class Planner:
         chosen: Dict[int, List[np.ndarray]] = {}
         pooled: List[Tuple[_Layer, np.ndarray]] = []
         for layer in self.layers:
+            if not options.hidden and not layer.group.exact:
+                continue
             fixed = next((r for pattern, r in options.ratios.items() if fnmatch.fnmatchcase(layer.name, pattern)), None)
             if options.scope == "local" or fixed is not None:
                 ratio = options.ratio if fixed is None else fixed

@@ -141,12 +141,13 @@ def _refresh_metadata(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray
         update = _find_updater(module)
         if update is not None:
             update(module, old_shapes)
-    for path, attribute, elements in dg.state.widths:  # widths no tensor records
-        kept = int((~dropped[elements[elements >= 0]]).sum() + (elements < 0).sum())
-        setattr(model.get_submodule(path), attribute, kept)
+    # head splits compare attributes with their original values: rewrite those before anything else
     for note in refresh_size_attributes(model, dg.state.head_splits, dropped, touched):
         if note not in dg.notes:
             dg.notes.append(note)
+    for path, attribute, elements in dg.state.widths:  # widths no tensor records
+        kept = int((~dropped[elements[elements >= 0]]).sum() + (elements < 0).sum())
+        setattr(model.get_submodule(path), attribute, kept)
 
 
 def shrink(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> List[nn.Module]:

@@ -56,6 +56,7 @@ class ChannelState:
     inexact: list = field(default_factory=list)  # (elements, reason)
     producers: list = field(default_factory=list)  # elements that originate a structure
     widths: list = field(default_factory=list)  # (module path, attribute, elements): widths no tensor records
+    attribute_axes: dict = field(default_factory=dict)  # (module path, attribute) -> the axis it sizes
     head_splits: list = field(default_factory=list)  # attributes.HeadSplit: where projections split into heads
     attention: str = "heads"  # what a head split prunes: whole "heads" or the same "head_dims" in every head
 

@@ -7,8 +7,9 @@ a pruned axis) only shapes and finiteness can be checked, and the result says so
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -64,10 +65,35 @@ class ZeroingInterpreter(fx.Interpreter):
         return _zero_dropped(super().run_node(n), self._labels.get(n), self._dropped)
 
 
+@contextlib.contextmanager
+def _zeroed_leaf_parameters(dg: DependencyGraph, dropped: np.ndarray):
+    """Zero the dropped channels inside the parameters of leaf modules for the duration of the block.
+
+    The interpreter zeroes activations between nodes; a leaf module called as one node (an
+    ``nn.MultiheadAttention`` whose heads are pruned) also loses channels *inside* it, which only
+    its own weights can show. Restored afterwards, so the caller's model is unchanged."""
+    leaves = [n.target for n in dg.trace.graph.nodes if n.op == "call_module"]
+    owned = {f"{path}.{name}" for path in leaves for name, _ in dg.trace.module.get_submodule(path).named_parameters()}
+    saved = []
+    try:
+        for space in dg.state.spaces:
+            gone = np.flatnonzero(dropped[space.start:space.start + space.size])
+            if space.tensor in owned and gone.size:
+                path, _, attr = space.tensor.rpartition(".")
+                tensor = getattr(dg.model.get_submodule(path), attr)
+                index = torch.as_tensor(gone, device=tensor.device)
+                saved.append((tensor, space.dim, index, tensor.index_select(space.dim, index).clone()))
+                tensor.index_fill_(space.dim, index, 0)
+        yield
+    finally:
+        for tensor, dim, index, values in reversed(saved):
+            tensor.index_copy_(dim, index, values)
+
+
 def zeroed_reference(dg: DependencyGraph, dropped: np.ndarray) -> Any:
     """Outputs of the original model with every dropped channel zeroed (run before shrinking, since an
     in-place shrink changes the very modules the captured graph calls)."""
-    with torch.no_grad(), eval_mode(dg.model):
+    with torch.no_grad(), eval_mode(dg.model), _zeroed_leaf_parameters(dg, dropped):
         return ZeroingInterpreter(dg.trace.module, dg.trace.graph, dg.labels, dropped).run(
             *dg.trace.run_args(dg.inputs))
 

@@ -41,7 +41,7 @@ def scaled_dot_product_attention(ctx: RuleContext, node):
     """
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     lq, lk, lv = ctx.tlabel(q), ctx.tlabel(k), ctx.tlabel(v)
-    mq, mk, mv = ctx.meta(q), ctx.meta(k), ctx.meta(v)
+    mq, mk = ctx.meta(q), ctx.meta(k)
     if not (len(lq) == len(lk) == len(lv) >= 3):
         ctx.freeze_inputs("attention inputs of unequal rank")
         return ctx.unlabeled_output()

@@ -142,6 +142,35 @@ def size_source(ctx: RuleContext, entry):
     return None
 
 
+def _scaled_size_source(ctx: RuleContext, entry):
+    """``(tensor, axis, factor)`` for a size computed as ``x.size(axis) * factor`` (``h * n_rep`` in
+    LLaMA's ``repeat_kv``), else None."""
+    if not (isinstance(entry, fx.Node) and entry.op == "call_function" and entry.target is operator.mul):
+        return None
+    a, b = entry.args
+    for size, factor in ((a, b), (b, a)):
+        source = size_source(ctx, size)
+        if source is not None and isinstance(factor, int) and factor > 0:
+            return source[0], source[1], factor
+    return None
+
+
+def _bind_scaled(ctx: RuleContext, axis: np.ndarray, tensor, dim: int, factor: int) -> bool:
+    """Couple an axis of size ``x.size(dim) * factor`` with that axis of ``x``, if the axis is made of
+    ``factor`` copies of one label per index (``repeat``, ``expand + reshape``) or ``factor`` copies of
+    the whole label (``tile``): dropping one index of ``x`` then drops all its copies."""
+    src_label = ctx.tlabel(tensor)
+    src = src_label[norm_dim(dim, len(src_label))] if src_label else None
+    n = len(axis) // factor
+    if src is None or len(axis) != n * factor or len(src) != n:
+        return False
+    for copies in (axis.reshape(n, factor), axis.reshape(factor, n).T):
+        if (copies == copies[:, :1]).all():
+            ctx.unify(copies[:, 0], src, n)
+            return True
+    return False
+
+
 _SIZE_ROLES = {"heads": ("heads",), "head_dim": ("head_dim",), "merge": ("heads", "attention_width"),
                "pass": ("heads", "head_dim", "attention_width"), "split": ("attention_width",)}
 
@@ -155,8 +184,14 @@ def adaptable_literal(ctx: RuleContext, literal: int, kind: Optional[str], axis:
     if module is not None and kind in _SIZE_ROLES:
         names = size_attributes(module, literal, _SIZE_ROLES[kind])
         for name in names:
-            if not name.startswith("config."):  # configs are shared: refreshed once, from every layer
-                ctx.state.widths.append((ctx.calling_path(), name, axis))
+            if name.startswith("config."):  # configs are shared: refreshed once, from every layer
+                continue
+            key = (ctx.calling_path(), name)
+            sized = ctx.state.attribute_axes.setdefault(key, axis)
+            if sized is axis:
+                ctx.state.widths.append((key[0], name, axis))
+            else:  # one attribute sizes several axes (q, k and v views): they must shrink alike
+                ctx.unify(sized, axis, len(axis))
         if names:
             return True
     return ctx.exported and kind == "pass"
@@ -176,6 +211,9 @@ def bind_sizes(ctx: RuleContext, out: Sequence[AxisLabel], out_shape: Sequence[i
         if entry == -1 and not isinstance(entry, fx.Node):
             continue
         source = size_source(ctx, entry)
+        scaled = _scaled_size_source(ctx, entry) if source is None and out[j] is not None else None
+        if scaled is not None and _bind_scaled(ctx, out[j], *scaled):
+            continue
         if source is not None:
             tensor, axis = source
             src_label = ctx.tlabel(tensor)

@@ -1,0 +1,152 @@
+"""Real transformer codebases with no per-model configuration: Hugging Face, torchvision, timm.
+
+Small configs, random weights (nothing is downloaded). Every model must prune at 0.3, run, keep its
+output shapes, drop parameters and pass verification; causal LMs must still generate with their KV
+cache, and the config must describe the pruned tensors.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import structprune as sp
+from helpers import outputs
+
+transformers = pytest.importorskip("transformers")
+warnings.filterwarnings("ignore", message=".*token_id.*")
+
+IDS = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _decoder(config_cls, **extra):
+    return config_cls(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64, **extra)
+
+
+HF_MODELS = {
+    "bert": (lambda t: t.BertModel(t.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                num_attention_heads=8, intermediate_size=96)), IDS),
+    "distilbert": (lambda t: t.DistilBertModel(t.DistilBertConfig(vocab_size=100, dim=64, n_layers=2, n_heads=8,
+                                                                  hidden_dim=96)), IDS),
+    "gpt2": (lambda t: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=8,
+                                                      n_positions=64)), IDS),
+    "llama": (lambda t: t.LlamaForCausalLM(_decoder(t.LlamaConfig)), IDS),
+    "mistral": (lambda t: t.MistralForCausalLM(_decoder(t.MistralConfig, sliding_window=8)), IDS),
+    "qwen2": (lambda t: t.Qwen2ForCausalLM(_decoder(t.Qwen2Config)), IDS),
+    "vit": (lambda t: t.ViTModel(t.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                                             intermediate_size=96, image_size=32, patch_size=8)), PIXELS),
+    "swin": (lambda t: t.SwinModel(t.SwinConfig(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1],
+                                                num_heads=[4, 8], window_size=4)), PIXELS),
+}
+CAUSAL = ["gpt2", "llama", "mistral", "qwen2"]
+
+
+def _build(name):
+    torch.manual_seed(0)
+    build, x = HF_MODELS[name]
+    return build(transformers).eval(), x
+
+
+def _tensors(out):
+    return [t for t in (out.to_tuple() if hasattr(out, "to_tuple") else out) if isinstance(t, torch.Tensor)]
+
+
+def _attention_rows(model):
+    """Output rows of every query-like projection (q_proj, query, q_lin, c_attn)."""
+    rows = {}
+    for name, m in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in ("q_proj", "query", "q_lin", "c_attn"):
+            w = m.weight
+            rows[name] = w.shape[1] if type(m).__name__ == "Conv1D" else w.shape[0]
+    return rows
+
+
+@pytest.mark.parametrize("name", list(HF_MODELS))
+def test_hugging_face_models_prune_heads_and_widths(name):
+    model, x = _build(name)
+    before = _attention_rows(model)
+    small, report = sp.slim_with_report(model, (x,), 0.3)
+    assert report.verification.passed, report.verification.message
+    assert report.params_after < report.params_before
+    ref, got = _tensors(outputs(model, (x,))), _tensors(outputs(small, (x,)))
+    assert [t.shape for t in ref] == [t.shape for t in got]
+    after = _attention_rows(small)
+    assert any(after[k] < before[k] for k in before), "no attention head was pruned"
+    assert not report.unknown_ops, report.unknown_ops
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_causal_lms_generate_with_their_kv_cache(name):
+    model, x = _build(name)
+    small = sp.slim(model, (x,), 0.3)
+    with torch.no_grad():
+        cached = small.generate(x, max_new_tokens=20, do_sample=False, use_cache=True, pad_token_id=0)
+        fresh = small.generate(x, max_new_tokens=20, do_sample=False, use_cache=False, pad_token_id=0)
+    assert cached.shape == (2, 32)
+    assert torch.equal(cached, fresh)  # the cache holds pruned keys/values consistently
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("ratio", [0.3, 0.5])  # 0.3: hidden // heads no longer gives head_dim
+def test_config_describes_the_pruned_decoder(name, ratio):
+    model, x = _build(name)
+    small = sp.slim(model, (x,), ratio)
+    cfg, layer = small.config, small.model.layers[0]
+    attn = layer.self_attn
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads  # HF's own fallback
+    assert cfg.num_attention_heads * head_dim == attn.q_proj.out_features == attn.o_proj.in_features
+    assert cfg.num_key_value_heads * head_dim == attn.k_proj.out_features
+    assert cfg.num_attention_heads < 8 and cfg.num_attention_heads % cfg.num_key_value_heads == 0
+    assert cfg.intermediate_size == layer.mlp.gate_proj.out_features < 96
+    assert cfg.hidden_size == small.model.embed_tokens.embedding_dim == small.lm_head.in_features < 64
+    # the refreshed config rebuilds the same architecture
+    rebuilt = type(small)(cfg)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
+
+
+def test_bert_heads_and_ffn_only_with_hidden_false():
+    model, x = _build("bert")
+    small = sp.slim(model, (x,), 0.5, hidden=False)
+    attn = small.encoder.layer[0].attention.self
+    assert attn.num_attention_heads == 4 and attn.all_head_size == 32 == attn.query.out_features
+    assert small.config.intermediate_size == 48 and small.config.hidden_size == 64
+    assert small.config.num_attention_heads == 4
+
+
+def test_tied_lm_head_follows_the_embedding():
+    model, x = _build("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    small = sp.slim(model, (x,), 0.3)
+    assert small.lm_head.weight is small.transformer.wte.weight
+    assert small.config.n_embd == small.transformer.wte.embedding_dim < 64
+
+
+def test_global_scope_leaves_a_note_when_layers_differ():
+    model, x = _build("llama")
+    small, report = sp.slim_with_report(model, (x,), 0.4, scope="global", hidden=False)
+    widths = {layer.mlp.gate_proj.out_features for layer in small.model.layers}
+    if len(widths) > 1:
+        assert any("intermediate_size" in n for n in report.graph.notes)
+        assert small.config.intermediate_size == 96
+
+
+TIMM = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "convnext_atto",
+        "mixer_s16_224"]
+
+
+@pytest.mark.parametrize("name", TIMM)
+def test_timm_transformers(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)
+    small, report = sp.slim_with_report(model, x, 0.3)
+    assert report.verification.passed and report.params_after < report.params_before
+    assert outputs(small, x).shape == (1, 1000)
+    for m in small.modules():  # attention attributes describe the pruned tensors
+        if hasattr(m, "qkv") and hasattr(m, "num_heads") and hasattr(m, "head_dim"):
+            assert m.qkv.out_features == 3 * m.num_heads * m.head_dim
