@@ -4,6 +4,7 @@
 >>> small = sp.slim(model, example_input, ratio=0.5)
 """
 from .api import SlimReport, slim, slim_with_report
+from .attributes import register_size_attribute
 from .criteria import ScoringContext, get_criterion, register_criterion
 from .errors import (ExampleInputError, InvalidModelError, InvalidRatioError, StructPruneError, TraceError,
                      VerificationError)
@@ -19,7 +20,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DependencyGraph", "ExampleInputError", "Group", "InvalidModelError", "InvalidRatioError", "Plan",
     "SlimReport", "StructPruneError", "TraceError", "VerificationError", "VerificationResult", "count_macs",
-    "count_parameters", "get_criterion", "latency_ms", "PlanOptions", "Planner", "register_criterion", "rule",
+    "count_parameters", "get_criterion", "latency_ms", "PlanOptions", "Planner", "register_criterion",
+    "register_size_attribute", "rule",
     "ScoringContext", "slim",
     "slim_with_report", "updater",
 ]

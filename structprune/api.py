@@ -93,8 +93,8 @@ def slim_with_report(model: nn.Module, example_input: Any, ratio: Optional[float
     reference = zeroed_reference(dg, dropped) if verify else None
     with rollback(model) if inplace else contextlib.nullcontext():
         if inplace:
-            shrink(model, dg, dropped)
-        pruned = model if inplace else shrunk_copy(model, dg, dropped)
+            shrink(model, dg, dropped, dg.notes)
+        pruned = model if inplace else shrunk_copy(model, dg, dropped, dg.notes)
         result = _checked(dg, plan, pruned, dropped, reference, exact_part) if verify else None
     report = SlimReport(dg, plan, params_before, count_parameters(pruned), result,
                         {gid: (dg.groups[gid].n_units, dg.groups[gid].n_units - len(units))

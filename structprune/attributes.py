@@ -19,10 +19,13 @@ from their tensors and attributes, not from the config, at run time).
 """
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
+import torch
 from torch import nn
 
 from .spaces import AxisLabel
@@ -34,7 +37,7 @@ SIZE_ATTRIBUTES: Dict[str, set] = {
     "attention_width": {"all_head_size", "split_size", "attn_dim", "inner_dim", "inner_size"},
     "ffn": {"intermediate_size", "n_inner", "ffn_dim", "d_ff", "dim_feedforward", "mlp_dim", "hidden_dim",
             "encoder_ffn_dim", "decoder_ffn_dim"},
-    "hidden": {"hidden_size", "n_embd", "d_model", "dim", "embed_dim", "word_embed_proj_dim"},
+    "hidden": {"hidden_size", "n_embd", "d_model", "dim", "embed_dim", "word_embed_proj_dim", "hidden_dim"},
 }
 
 
@@ -46,6 +49,7 @@ def register_size_attribute(role: str, name: str) -> None:
 
 
 def role_of(name: str) -> Optional[str]:
+    """The first role naming ``name`` (``hidden_dim`` is a feed-forward width in Hugging Face configs)."""
     for role, names in SIZE_ATTRIBUTES.items():
         if name in names:
             return role
@@ -61,7 +65,7 @@ def size_attributes(module: nn.Module, value: int, roles: Iterable[str]) -> List
         if owner is None or (prefix and isinstance(owner, nn.Module)):
             continue
         for name, v in _int_attributes(owner):
-            if v == value and role_of(name) in roles:
+            if v == value and any(name in SIZE_ATTRIBUTES[role] for role in roles):
                 found.append(prefix + name)
     return found
 
@@ -126,7 +130,7 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
     if isinstance(embeddings, nn.Embedding) and embeddings in old_shapes:
         facts["hidden"] = [(old_shapes[embeddings]["weight"][1], embeddings.weight.shape[1])]
-    return notes + _refresh_configs(model, facts)
+    return notes + _refresh_configs(model, facts) + reload_note(model)
 
 
 def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]]) -> List[str]:
@@ -147,6 +151,34 @@ def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]]) 
                              f"and describes the original model")
         _pin_head_dim(config, head_dims)
     return notes
+
+
+def reload_note(model: nn.Module) -> List[str]:
+    """Can ``from_pretrained`` rebuild the pruned model from its refreshed config? Build the class from
+    the config on the meta device (no memory) and compare shapes. Some configs cannot say it (BERT and
+    GPT-2 derive the head size from ``hidden_size / num_attention_heads``), some refuse it (LLaMA insists
+    that ``hidden_size`` be a multiple of the head count); the pruned model runs either way."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "from_pretrained") or isinstance(config, nn.Module):
+        return []
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        validate = getattr(config, "validate", None)  # what from_pretrained runs on a loaded config
+        if callable(validate):
+            validate()
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rebuilt = type(model)(copy.deepcopy(config))
+    except Exception as error:  # the library's own validation error types vary
+        reason = str(getattr(error, "__cause__", None) or error).strip().splitlines()[-1]
+        return [f"from_pretrained will refuse the pruned config ({reason}); the model runs: keep it with "
+                f"save_pretrained's weights plus this model object, or pick ratios the config can express"]
+    differ = [k for k, v in rebuilt.state_dict().items() if k in shapes and tuple(v.shape) != shapes[k]]
+    if differ:
+        return [f"{type(config).__name__} cannot describe the pruned shapes (e.g. {differ[0]}: the config rebuilds "
+                f"{tuple(rebuilt.state_dict()[differ[0]].shape)}, the model has {shapes[differ[0]]}); the model runs, "
+                f"but from_pretrained would rebuild the original layout"]
+    return []
 
 
 def _pin_head_dim(config: Any, head_dims: set) -> None:

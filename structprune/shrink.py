@@ -8,7 +8,7 @@ Register an updater for a new layer type with :func:`updater`.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -136,33 +136,36 @@ def _slots(model: nn.Module):
 
 
 def _refresh_metadata(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray,
-                      touched: Dict[nn.Module, Dict[str, tuple]]) -> None:
+                      touched: Dict[nn.Module, Dict[str, tuple]], notes: Optional[List[str]]) -> None:
     for module, old_shapes in touched.items():
         update = _find_updater(module)
         if update is not None:
             update(module, old_shapes)
     # head splits compare attributes with their original values: rewrite those before anything else
     for note in refresh_size_attributes(model, dg.state.head_splits, dropped, touched):
-        if note not in dg.notes:
-            dg.notes.append(note)
+        if notes is not None and note not in notes:
+            notes.append(note)
     for path, attribute, elements in dg.state.widths:  # widths no tensor records
         kept = int((~dropped[elements[elements >= 0]]).sum() + (elements < 0).sum())
         setattr(model.get_submodule(path), attribute, kept)
 
 
-def shrink(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> List[nn.Module]:
-    """Remove every dropped element from ``model`` in place; return the modules it touched."""
+def shrink(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray,
+           notes: Optional[List[str]] = None) -> List[nn.Module]:
+    """Remove every dropped element from ``model`` in place; return the modules it touched.
+    Anything worth telling (a config field left alone) is appended to ``notes``."""
     replacements = sliced_tensors(model, dg, dropped)
     touched: Dict[nn.Module, Dict[str, tuple]] = {}
     for module, slots, name, t in _slots(model):
         if id(t) in replacements:
             slots[name] = replacements[id(t)]
             touched.setdefault(module, {})[name] = tuple(t.shape)
-    _refresh_metadata(model, dg, dropped, touched)
+    _refresh_metadata(model, dg, dropped, touched, notes)
     return list(touched)
 
 
-def shrunk_copy(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> nn.Module:
+def shrunk_copy(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray,
+                notes: Optional[List[str]] = None) -> nn.Module:
     """A deep copy of ``model`` without the dropped elements.
 
     The sliced tensors are handed to the copy as already copied, so the large original tensors are
@@ -175,7 +178,7 @@ def shrunk_copy(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> n
     for module, _, name, t in _slots(twin):
         if id(t) in old_shape:
             touched.setdefault(module, {})[name] = old_shape[id(t)]
-    _refresh_metadata(twin, dg, dropped, touched)
+    _refresh_metadata(twin, dg, dropped, touched, notes)
     return twin
 
 

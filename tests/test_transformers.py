@@ -150,3 +150,47 @@ def test_timm_transformers(name):
     for m in small.modules():  # attention attributes describe the pruned tensors
         if hasattr(m, "qkv") and hasattr(m, "num_heads") and hasattr(m, "head_dim"):
             assert m.qkv.out_features == 3 * m.num_heads * m.head_dim
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+def test_save_pretrained_round_trips_a_uniformly_pruned_model(name, tmp_path):
+    model, x = _build(name)
+    # 0.5 keeps hidden_size divisible by the heads; GPT-2 derives head_dim from it, so prune both alike
+    small, report = sp.slim_with_report(model, (x,), 0.5)
+    assert not report.graph.notes
+    small.save_pretrained(tmp_path, safe_serialization=True)
+    reloaded = type(small).from_pretrained(tmp_path).eval()
+    assert {k: v.shape for k, v in reloaded.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
+    for ref, got in zip(_tensors(outputs(small, (x,))), _tensors(outputs(reloaded, (x,)))):
+        torch.testing.assert_close(got, ref)
+
+
+def test_torchvision_swin_and_vit_heads():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 224, 224)
+    swin = torchvision.models.swin_t().eval()
+    small, report = sp.slim_with_report(swin, x, 0.5)
+    attn = small.features[5][0].attn  # stage 3: 12 heads of 32
+    assert report.verification.passed and attn.num_heads == 6
+    assert attn.qkv.out_features == 3 * 6 * 32 and attn.relative_position_bias_table.shape[1] == 6
+    assert outputs(small, x).shape == (1, 1000)
+    vit = torchvision.models.vit_b_16().eval()
+    small, report = sp.slim_with_report(vit, x, 0.25)
+    attn = small.encoder.layers[0].self_attention  # MHA: heads shrink with the residual stream it reads
+    assert report.verification.passed and attn.num_heads == 9 and attn.embed_dim == small.hidden_dim == 576
+    assert outputs(small, x).shape == (1, 1000)
+
+
+def test_a_config_that_cannot_describe_the_model_is_reported():
+    model, x = _build("bert")  # BERT's head size is hidden_size / num_attention_heads
+    small, report = sp.slim_with_report(model, (x,), 0.5)  # heads pruned, hidden kept (it is the output)
+    assert any("cannot describe the pruned shapes" in note for note in report.graph.notes)
+
+
+def test_a_config_hugging_face_would_refuse_is_reported():
+    model, x = _build("llama")
+    small, report = sp.slim_with_report(model, (x,), 0.3, hidden=False)  # 8 -> 6 heads, hidden 64
+    assert any("from_pretrained will refuse" in note for note in report.graph.notes)
+    with torch.no_grad():
+        assert small.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 15)

@@ -120,15 +120,13 @@ class RuleContext:
         value = tuple(value) if isinstance(value, (list, tuple)) else value
         return isinstance(owner, cls) and value == literal
 
-    def calling_path(self) -> Optional[str]:
-        """Path of the module whose own forward makes this call (None when unknown)."""
+    def calling_path(self) -> str:
+        """Path of the module whose own forward makes this call (``""``: the model itself)."""
         stack = self.node.meta.get("nn_module_stack") or {}
-        return list(stack.values())[-1][0] if stack else None
+        return list(stack.values())[-1][0] if stack else ""
 
     def calling_module(self) -> Optional[nn.Module]:
         path = self.calling_path()
-        if path is None:
-            return None
         try:
             return self.model.get_submodule(path)
         except AttributeError:

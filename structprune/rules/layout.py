@@ -93,10 +93,9 @@ def reshape_label(ctx: RuleContext, x, out_shape: Sequence[int], kinds: Optional
             out[gj[keeper]] = axis
             kinds[gj[keeper]] = "head_dim" if keeper == len(gj) - 1 else "heads"
             path = ctx.calling_path()
-            if path is not None:
-                inner = int(np.prod(sizes[keeper + 1:]))
-                split = HeadSplit(path, axis, inner) if keeper < len(gj) - 1 else HeadSplit(path, sizes[-2], axis)
-                ctx.state.head_splits.append(split)
+            inner = int(np.prod(sizes[keeper + 1:]))
+            split = HeadSplit(path, axis, inner) if keeper < len(gj) - 1 else HeadSplit(path, sizes[-2], axis)
+            ctx.state.head_splits.append(split)
         else:
             for k in labelled:
                 ctx.freeze(label[k], "reshape splits and merges several channel axes at once")
@@ -172,7 +171,7 @@ def _bind_scaled(ctx: RuleContext, axis: np.ndarray, tensor, dim: int, factor: i
 
 
 _SIZE_ROLES = {"heads": ("heads",), "head_dim": ("head_dim",), "merge": ("heads", "attention_width"),
-               "pass": ("heads", "head_dim", "attention_width"), "split": ("attention_width",)}
+               "pass": ("heads", "head_dim", "attention_width", "ffn", "hidden"), "split": ("attention_width",)}
 
 
 def adaptable_literal(ctx: RuleContext, literal: int, kind: Optional[str], axis: np.ndarray) -> bool:
