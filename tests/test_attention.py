@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import structprune as sp
-from attention_models import AttentionBlock, Encoder, TorchMHA
+from attention_models import Encoder, TorchMHA
 from helpers import outputs, slim_exact
 
 IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
