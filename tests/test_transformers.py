@@ -9,12 +9,14 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import timm
 import torch
+import torchvision
+import transformers
 
 import structprune as sp
 from helpers import outputs
 
-transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", message=".*token_id.*")
 
 IDS = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -140,7 +142,6 @@ TIMM = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_windo
 
 @pytest.mark.parametrize("name", TIMM)
 def test_timm_transformers(name):
-    timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     x = torch.randn(1, 3, 224, 224)
@@ -166,7 +167,6 @@ def test_save_pretrained_round_trips_a_uniformly_pruned_model(name, tmp_path):
 
 
 def test_torchvision_swin_and_vit_heads():
-    torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     x = torch.randn(1, 3, 224, 224)
     swin = torchvision.models.swin_t().eval()
