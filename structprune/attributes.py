@@ -139,6 +139,7 @@ def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]]) 
     configs = {id(c): c for m in model.modules() for c in [getattr(m, "config", None)]
                if c is not None and not isinstance(c, nn.Module) and hasattr(c, "__dict__")}
     for config in configs.values():
+        derived_head_dim = _head_dim(config)
         for name, value in list(_int_attributes(config)):
             role = role_of(name)
             if role is None or role == "attention_width":
@@ -149,8 +150,19 @@ def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]]) 
             elif len(new) > 1:
                 notes.append(f"config.{name} was {value}; layers now differ ({sorted(new)}), so it was left as is "
                              f"and describes the original model")
-        _pin_head_dim(config, head_dims)
+        _pin_head_dim(config, head_dims or ({derived_head_dim} if derived_head_dim else set()))
     return notes
+
+
+def _head_dim(config: Any) -> Optional[int]:
+    """The head size a Hugging Face attention layer derives from ``config``."""
+    explicit = getattr(config, "head_dim", None)
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if isinstance(explicit, int):
+        return explicit
+    if isinstance(heads, int) and isinstance(hidden, int) and heads > 0:
+        return hidden // heads
+    return None
 
 
 def reload_note(model: nn.Module) -> List[str]:

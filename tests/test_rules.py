@@ -564,3 +564,20 @@ def test_literal_group_count_freezes_but_own_attribute_prunes():
     assert report.verification.passed and small.conv.out_channels == 8
     small, report = slim_exact(SameConvNet(), torch.randn(1, 3, 6, 6))
     assert small.dw.groups == 4 and small.pw.out_channels == 4
+
+
+class TransposeAttributes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x):  # x: (5, 4)
+        h = self.a(x).T.mT.T  # (5, 8) -> (8, 5) -> (5, 8) -> (8, 5)
+        return self.b(torch.relu(h.T))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_tensor_transpose_attributes_keep_labels(tracer):
+    small, report = slim_exact(TransposeAttributes(), torch.randn(5, 4), 0.5, tracer=tracer)
+    assert not report.unknown_ops

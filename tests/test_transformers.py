@@ -194,3 +194,40 @@ def test_a_config_hugging_face_would_refuse_is_reported():
     assert any("from_pretrained will refuse" in note for note in report.graph.notes)
     with torch.no_grad():
         assert small.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 15)
+
+
+def _small(cls, **extra):
+    base = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                max_position_embeddings=64)
+    return cls(**{**base, **extra})
+
+
+MORE_MODELS = {  # no issue lists these: they check that nothing above is special-cased
+    "albert": lambda t: t.AlbertModel(t.AlbertConfig(vocab_size=100, embedding_size=32, hidden_size=64,
+                                                     num_hidden_layers=2, num_attention_heads=8, intermediate_size=96)),
+    "deberta_v2": lambda t: t.DebertaV2Model(t.DebertaV2Config(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                               num_attention_heads=8, intermediate_size=96)),
+    "opt": lambda t: t.OPTForCausalLM(t.OPTConfig(vocab_size=100, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                                  num_attention_heads=8, word_embed_proj_dim=64,
+                                                  max_position_embeddings=64)),
+    "phi": lambda t: t.PhiForCausalLM(_small(t.PhiConfig)),
+    "gemma2": lambda t: t.Gemma2ForCausalLM(_small(t.Gemma2Config, num_key_value_heads=4, head_dim=8)),
+    "falcon": lambda t: t.FalconForCausalLM(t.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=8)),
+    "bloom": lambda t: t.BloomForCausalLM(t.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=8)),
+    "t5": lambda t: t.T5Model(t.T5Config(vocab_size=100, d_model=64, d_kv=8, d_ff=96, num_layers=2, num_heads=8,
+                                         decoder_start_token_id=0)),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_MODELS))
+def test_more_hugging_face_architectures(name):
+    torch.manual_seed(0)
+    model = MORE_MODELS[name](transformers).eval()
+    x = {"input_ids": IDS, "decoder_input_ids": IDS[:, :5]} if name == "t5" else (IDS,)
+    small, report = sp.slim_with_report(model, x, 0.3)
+    assert report.verification.passed and report.params_after < 0.9 * report.params_before
+    assert report.graph.state.head_splits and not report.unknown_ops
+    if "ForCausalLM" in type(small).__name__:
+        with torch.no_grad():
+            assert small.generate(IDS, max_new_tokens=5, do_sample=False, pad_token_id=0).shape == (2, 17)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-torchvision = pytest.importorskip("torchvision")
+import torchvision  # noqa: E402
 
 import structprune as sp  # noqa: E402
 

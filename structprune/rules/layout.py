@@ -86,6 +86,10 @@ def reshape_label(ctx: RuleContext, x, out_shape: Sequence[int], kinds: Optional
             shape[gi.index(k)] = in_shape[k]
             out[gj[0]] = np.broadcast_to(label[k].reshape(shape), block).ravel()
             kinds[gj[0]] = "pass" if len(gi) == 1 else "merge"
+        elif len(gi) == 1 and _unmerge(label[gi[0]], [out_shape[j] for j in gj]) is not None:
+            k, axis = _unmerge(label[gi[0]], [out_shape[j] for j in gj])
+            out[gj[k]] = axis
+            kinds[gj[k]] = "pass"
         elif len(gi) == 1:
             sizes = [out_shape[j] for j in gj]
             keeper = len(gj) - 1 if ctx.state.attention == "head_dims" else len(gj) - 2
@@ -100,6 +104,17 @@ def reshape_label(ctx: RuleContext, x, out_shape: Sequence[int], kinds: Optional
             for k in labelled:
                 ctx.freeze(label[k], "reshape splits and merges several channel axes at once")
     return tuple(out)
+
+
+def _unmerge(axis: np.ndarray, sizes: Sequence[int]):
+    """``(k, labels)`` when ``axis`` split into ``sizes`` varies along new axis k only: undoing an
+    earlier merge (``(B*H, N, D) -> (B, H, N, D)``) where the labels already repeat, else None."""
+    block = axis.reshape(sizes)
+    for k in range(len(sizes)):
+        columns = np.moveaxis(block, k, 0).reshape(sizes[k], -1)
+        if sizes[k] > 1 and (columns == columns[:, :1]).all():
+            return k, columns[:, 0].copy()
+    return None
 
 
 def tie_split(ctx: RuleContext, axis: np.ndarray, sizes: Sequence[int], keeper: int) -> np.ndarray:
@@ -299,9 +314,18 @@ def transpose(ctx: RuleContext, node):
     return tuple(label)
 
 
-@rule(".t", torch.t, "aten.t")
+@rule(".t", torch.t, "aten.t", "aten.numpy_T")
 def matrix_transpose(ctx: RuleContext, node):
+    """``x.t()`` and ``x.T``: every axis reversed."""
     return tuple(reversed(ctx.tlabel(ctx.arg(0))))
+
+
+@rule("aten.mT", "aten.mH", "aten.adjoint")
+def last_two_swapped(ctx: RuleContext, node):
+    """``x.mT``: the last two axes swapped."""
+    label = list(ctx.tlabel(ctx.arg(0)))
+    label[-2:] = label[-2:][::-1]
+    return tuple(label)
 
 
 @rule(".movedim", torch.movedim, ".moveaxis", torch.moveaxis)
@@ -712,11 +736,17 @@ def pad(ctx: RuleContext, node):
 
 
 # ---- shape queries: no tensor comes out, nothing to freeze ------------------------------------------------
+_TRANSPOSING_ATTRIBUTES = {"T": matrix_transpose, "mT": last_two_swapped, "mH": last_two_swapped,
+                           "H": matrix_transpose}
+
+
 @rule(".size", ".dim", ".numel", ".ndimension", ".nelement", ".get_device", ".is_contiguous", "aten.sym_size",
       "aten.size", "aten.dim", "aten.numel", "aten._assert_tensor_metadata", "aten._assert_scalar",
       "aten.sym_constrain_range_for_size", torch._assert, builtins.getattr, builtins.len, builtins.int,
       builtins.float)
 def shape_query(ctx: RuleContext, node):
+    if node.target is builtins.getattr and ctx.arg(1) in _TRANSPOSING_ATTRIBUTES:
+        return _TRANSPOSING_ATTRIBUTES[ctx.arg(1)](ctx, node)
     out = ctx.out
     if isinstance(out, TensorMeta) or (isinstance(out, (list, tuple)) and any(isinstance(o, TensorMeta)
                                                                                  for o in out)):
