@@ -15,6 +15,7 @@ from .errors import InvalidModelError, InvalidRatioError, StructPruneError, Veri
 from .graph import DependencyGraph
 from .metrics import count_parameters
 from .plan import Plan, PlanOptions, Planner, search_target
+from .probe import groups_that_break
 from .shrink import rollback, shrink, shrunk_copy
 from .targets import TARGETS, removed_fraction
 from .verify import VerificationResult, is_exact, verify as verify_pruned, zeroed_reference
@@ -82,11 +83,23 @@ def slim_with_report(model: nn.Module, example_input: Any, ratio: Optional[float
     _check_materialised(model, criterion, verify)
     context = ScoringContext(model, dg, data=data, loss_fn=loss_fn, reduction=reduction, seed=seed)
     planner = Planner(dg, context, score, ignore)
-    if budget:
-        kind, fraction = budget
-        plan, _ = search_target(planner, options, removed_fraction(kind, dg, model), fraction)
-    else:
-        plan = planner.plan(options)
+
+    def make_plan() -> Plan:
+        if budget:
+            kind, fraction = budget
+            return search_target(planner, options, removed_fraction(kind, dg, model), fraction)[0]
+        return planner.plan(options)
+
+    plan = make_plan()
+    for _ in range(3 if verify else 0):  # a dry run on the meta device, then re-plan around what breaks
+        broken = groups_that_break(model, dg, plan.drops, lambda drops: Plan(dict(drops)).element_mask(dg))
+        if not broken:
+            break
+        planner.exclude(broken)
+        dg.notes.extend(f"group {gid} ({dg.groups[gid].spaces[0]}) was kept whole: pruning it breaks the forward "
+                        f"({error}); a width the graph does not show (such as C // num_heads under torch.export) "
+                        f"depends on it" for gid, error in broken.items())
+        plan = make_plan()
     dropped = plan.element_mask(dg)
     params_before = count_parameters(model)
     exact_part = _verify_exact_part(dg, model, plan, dropped) if verify else None

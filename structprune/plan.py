@@ -117,6 +117,11 @@ class Planner:
                                        f"which has {group.n_units} units")
             self.scores[group.id] = scores
         self.layers = self._layers(ignore)
+        self.excluded: set = set()  # group ids kept whole whatever the options (see exclude)
+
+    def exclude(self, group_ids) -> None:
+        """Keep these groups whole in every later plan (e.g. a dry run showed they cannot shrink)."""
+        self.excluded.update(group_ids)
 
     def _layers(self, ignore: Sequence[Any]) -> List[_Layer]:
         modules = dict(self.dg.model.named_modules())
@@ -142,7 +147,7 @@ class Planner:
         chosen: Dict[int, List[np.ndarray]] = {}
         pooled: List[Tuple[_Layer, np.ndarray]] = []
         for layer in self.layers:
-            if not options.hidden and not layer.group.exact:
+            if layer.group.id in self.excluded or (not options.hidden and not layer.group.exact):
                 continue
             fixed = next((r for pattern, r in options.ratios.items() if fnmatch.fnmatchcase(layer.name, pattern)), None)
             if options.scope == "local" or fixed is not None:

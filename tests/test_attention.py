@@ -115,3 +115,36 @@ def test_generated_attention_blocks_prune_consistently(heads, groups, head_dim, 
         q_rows = (block.qkv.weight.shape[0] // 3) if packed else block.q.weight.shape[0]
         assert q_rows == block.num_heads * block.head_dim  # attributes describe the tensors
         assert block.proj.in_features == q_rows
+
+
+class HiddenWidthUnderExport(torch.nn.Module):
+    """ConViT-style attention: head_dim = C // num_heads with C read from the input, and control flow
+    that fx cannot trace, so torch.export captures it and bakes C // num_heads into a literal."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.num_heads = heads
+        self.inp = torch.nn.Linear(8, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if h.shape[1] > 0:  # data-dependent branch: fx gives up, export specialises it
+            b, n, c = h.shape
+            q, k, v = self.qkv(h).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+            h = h + self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        return self.head(h.mean(1))
+
+
+def test_a_width_hidden_in_an_exported_literal_is_found_by_the_dry_run():
+    torch.manual_seed(0)
+    model = HiddenWidthUnderExport().eval()
+    x = torch.randn(2, 5, 8)
+    small, report = sp.slim_with_report(model, x, 0.5)
+    assert report.graph.trace.tracer == "export"
+    assert report.verification.passed
+    assert small.inp.out_features == 32  # the residual width feeds C // num_heads: kept whole
+    assert any("kept whole" in note for note in report.graph.notes)
+    assert outputs(small, x).shape == (2, 2)

@@ -69,10 +69,10 @@ def scaled_dot_product_attention(ctx: RuleContext, node):
         lm, mm = ctx.tlabel(mask), ctx.meta(mask)
         for j, axis in enumerate(lm):
             i = j + n - len(lm)
-            if axis is None:
-                continue
-            if i < n - 2 and mm.shape[j] == mq.shape[i] and batch[i] is not None:
-                ctx.unify(axis, batch[i], mm.shape[j])
+            if i >= 0 and i < n - 2 and mm.shape[j] == mq.shape[i] and mm.shape[j] > 1:
+                # a bias per head (relative positions, ALiBi) must lose the same heads; an unlabelled
+                # one cannot lose any, so it freezes them
+                ctx.unify(batch[i], axis, mm.shape[j])
             else:
                 ctx.freeze(axis, "attention mask axis")
     return tuple(batch) + (None, lv[-1])

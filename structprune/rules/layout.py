@@ -239,7 +239,32 @@ def bind_sizes(ctx: RuleContext, out: Sequence[AxisLabel], out_shape: Sequence[i
         elif out[j] is not None and (_is_literal_size(entry) or isinstance(entry, fx.Node)):
             ctx.freeze(out[j], "a channel axis sized by a constant in the model code")
             out[j] = None
+        if source is None and scaled is None and isinstance(entry, fx.Node):
+            for tensor, axis in _sizes_read(ctx, entry):
+                src_label = ctx.tlabel(tensor)
+                if src_label:
+                    ctx.freeze(src_label[norm_dim(axis, len(src_label))],
+                               "its size feeds a computed shape (e.g. C // num_heads)")
     return tuple(out)
+
+
+def _sizes_read(ctx: RuleContext, entry: fx.Node, limit: int = 64) -> list:
+    """Every ``(tensor, axis)`` whose size the computed value ``entry`` depends on."""
+    found, stack, seen = [], [entry], set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if not isinstance(node, fx.Node) or node in seen or ctx.is_tensor(node):
+            continue
+        seen.add(node)
+        source = size_source(ctx, node)
+        if source is not None:
+            found.append(source)
+        elif _reads_shape_of(node):
+            meta = ctx.meta(node.args[0])
+            found.extend((node.args[0], k) for k in range(getattr(meta, "ndim", 0)))
+        else:
+            stack.extend(a for a in node.all_input_nodes)
+    return found
 
 
 @rule(".view", ".reshape", torch.reshape, "aten.view", "aten.reshape", "aten._unsafe_view")
