@@ -91,7 +91,9 @@ def slim_with_report(model: nn.Module, example_input: Any, ratio: Optional[float
         return planner.plan(options)
 
     plan = make_plan()
-    for _ in range(3 if verify else 0):  # a dry run on the meta device, then re-plan around what breaks
+    # a dry run on the meta device, then re-plan around what breaks; always under torch.export, whose
+    # literals may hide widths read from tensors
+    for _ in range(3 if verify or dg.trace.tracer == "export" else 0):
         broken = groups_that_break(model, dg, plan.drops, lambda drops: Plan(dict(drops)).element_mask(dg))
         if not broken:
             break

@@ -170,6 +170,8 @@ class DependencyGraph:
         fn = lookup(node, ctx.modules)
         ctx.node, ctx.op = node, f"{op_name(node, ctx.modules)} ({node.name})"
         if fn is not None:
+            state = self.state
+            before = (state.n_elements, len(state.widths), len(state.head_splits))
             try:
                 label = fn(ctx, node)
                 if _matches(label, meta):
@@ -177,12 +179,23 @@ class DependencyGraph:
                 reason = "its rule returned a label of the wrong shape"
             except Exception as error:  # a rule bug must never break the model: freeze instead
                 reason = f"its rule failed ({type(error).__name__}: {error})"
+            # whatever the failed rule set up (new channel spaces, attributes to rewrite) is void
+            state.freeze(np.arange(before[0], state.n_elements), f"{ctx.op}: {reason}")
+            del state.widths[before[1]:], state.head_splits[before[2]:]
+            if node.op == "call_module":
+                self._freeze_module_tensors(node.target, f"{ctx.op}: {reason}")
         else:
             reason = "no rule for this op"
             if any(has_labels(ctx.label(a)) for a in ctx.tensor_inputs()):
                 self.unknown_ops[op_name(node, ctx.modules)] += 1  # only ops that touch channels matter
         ctx.freeze_inputs(reason)
         return unlabeled(meta)
+
+    def _freeze_module_tensors(self, path: str, reason: str) -> None:
+        """Freeze every channel space of the parameters and buffers under module ``path``."""
+        for space in self.state.spaces:
+            if space.tensor.startswith(path + "."):
+                self.state.freeze(space.elements, reason)
 
     # ----- solving the couplings -------------------------------------------------------------------------
     def _solve(self) -> None:

@@ -187,9 +187,14 @@ def rollback(model: nn.Module):
     """Restore every parameter, buffer and plain attribute of every module if the block raises."""
     saved = [(m, dict(m._parameters), dict(m._buffers),
               {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in model.modules()]
+    configs = {id(c): (c, dict(vars(c))) for m in model.modules() for c in [getattr(m, "config", None)]
+               if c is not None and not isinstance(c, nn.Module) and hasattr(c, "__dict__")}
     try:
         yield
     except BaseException:
+        for config, fields in configs.values():  # configs are rewritten in place
+            vars(config).clear()
+            vars(config).update(fields)
         for m, params, buffers, attrs in saved:
             m._parameters.clear()
             m._parameters.update(params)

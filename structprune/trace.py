@@ -7,6 +7,7 @@ parameters are reachable under the original fully-qualified names.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -122,8 +123,10 @@ def _fx_trace(model: nn.Module, inputs: Inputs, is_rule_leaf) -> Trace:
 
 
 def output_tensors(value: Any) -> list:
-    """The tensors of a model output, in order, through tuples, lists, dicts and Hugging Face
-    ``ModelOutput``s; other objects (a KV cache, ``None``) are state, not results, and are skipped."""
+    """The tensors of a model output, in order, through tuples, lists, dicts, dataclasses and Hugging
+    Face ``ModelOutput``s. A KV cache is state the pruned model recomputes at its new width, not a
+    result, and is skipped, like ``None`` and plain Python values. Any other object holding tensors
+    raises: its tensors would go unprotected."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, dict):
@@ -132,7 +135,20 @@ def output_tensors(value: Any) -> list:
         return [x for v in value for x in output_tensors(v)]
     if hasattr(value, "to_tuple"):  # Hugging Face ModelOutput
         return output_tensors(value.to_tuple())
-    return []
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [x for f in dataclasses.fields(value) for x in output_tensors(getattr(value, f.name))]
+    if _is_cache(value) or not _holds_tensors(value):
+        return []
+    raise TraceError(f"the model returns a {type(value).__name__}, whose tensors cannot be found; return tensors, "
+                     f"tuples, lists, dicts or dataclasses")
+
+
+def _is_cache(value: Any) -> bool:
+    return any(cls.__name__.endswith("Cache") and hasattr(cls, "update") for cls in type(value).__mro__)
+
+
+def _holds_tensors(value: Any) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in getattr(value, "__dict__", {}).values())
 
 
 @contextlib.contextmanager

@@ -67,27 +67,33 @@ class ZeroingInterpreter(fx.Interpreter):
 
 @contextlib.contextmanager
 def _zeroed_leaf_parameters(dg: DependencyGraph, dropped: np.ndarray):
-    """Zero the dropped channels inside the parameters of leaf modules for the duration of the block.
+    """Swap in copies of leaf modules' parameters with the dropped channels zeroed, for the block.
 
     The interpreter zeroes activations between nodes; a leaf module called as one node (an
     ``nn.MultiheadAttention`` whose heads are pruned) also loses channels *inside* it, which only
-    its own weights can show. Restored afterwards, so the caller's model is unchanged."""
+    its own weights can show. The caller's tensors are swapped back untouched: not even their
+    autograd version counters change."""
     leaves = [n.target for n in dg.trace.graph.nodes if n.op == "call_module"]
     owned = {f"{path}.{name}" for path in leaves for name, _ in dg.trace.module.get_submodule(path).named_parameters()}
-    saved = []
+    zeroed: Dict[int, torch.Tensor] = {}
+    for space in dg.state.spaces:
+        gone = np.flatnonzero(dropped[space.start:space.start + space.size])
+        if space.tensor in owned and gone.size:
+            path, _, attr = space.tensor.rpartition(".")
+            tensor = getattr(dg.model.get_submodule(path), attr)
+            base = zeroed.get(id(tensor), tensor.detach())
+            zeroed[id(tensor)] = base.index_fill(space.dim, torch.as_tensor(gone, device=tensor.device), 0)
+    swapped = []
     try:
-        for space in dg.state.spaces:
-            gone = np.flatnonzero(dropped[space.start:space.start + space.size])
-            if space.tensor in owned and gone.size:
-                path, _, attr = space.tensor.rpartition(".")
-                tensor = getattr(dg.model.get_submodule(path), attr)
-                index = torch.as_tensor(gone, device=tensor.device)
-                saved.append((tensor, space.dim, index, tensor.index_select(space.dim, index).clone()))
-                tensor.index_fill_(space.dim, index, 0)
+        for module in dg.model.modules():
+            for name, t in list(module._parameters.items()):
+                if t is not None and id(t) in zeroed:
+                    swapped.append((module, name, t))
+                    module._parameters[name] = zeroed[id(t)]
         yield
     finally:
-        for tensor, dim, index, values in reversed(saved):
-            tensor.index_copy_(dim, index, values)
+        for module, name, t in reversed(swapped):
+            module._parameters[name] = t
 
 
 def zeroed_reference(dg: DependencyGraph, dropped: np.ndarray) -> Any:

@@ -6,6 +6,7 @@ already couple q, k, v and the output projection head by head.
 """
 from __future__ import annotations
 
+import operator
 from typing import List
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from ..attributes import HeadSplit
 from ..spaces import AxisLabel
-from .context import RuleContext
+from .context import RuleContext, unlabeled
 from .layout import tie_split
 from .registry import rule
 
@@ -118,10 +119,18 @@ def multihead_attention(ctx: RuleContext, node):
         ctx.unify(label[-1] if label else None, cols, e)
         ctx.unify(cols, pieces[0], e)  # forward() checks query width == embed_dim
     heads = tie_split(ctx, pieces[0], [h, e // h], 0)
+    weights_out = ctx.out[1] if isinstance(ctx.out, (list, tuple)) else None
+    weights_read = weights_out is not None and any(
+        user.target is not operator.getitem or (user.args[1] != 0 and user.users) for user in node.users)
+    mask = ctx.arg(5, "attn_mask")  # forward(query, key, value, key_padding_mask, need_weights, attn_mask, ...)
+    if weights_read or (ctx.is_tensor(mask) and ctx.meta(mask).ndim == 3):
+        # returned attention weights (averaged over heads or per head) and (B*H, L, S) masks are
+        # sized or valued by the head count
+        ctx.freeze(heads, "attention weights returned, or a per-head mask, fix the head count")
     ctx.state.head_splits.append(HeadSplit(path, heads, e // h))
     ctx.state.mark_producer(out_rows)
     ctx.state.mark_producer(pieces[0])
     label = ctx.tlabel(query)
     out = tuple(label[:-1]) + (out_rows,)
-    return [out, None] if isinstance(ctx.out, (list, tuple)) else out
+    return [out, unlabeled(weights_out)] if isinstance(ctx.out, (list, tuple)) else out
 

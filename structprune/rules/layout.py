@@ -198,14 +198,18 @@ def adaptable_literal(ctx: RuleContext, literal: int, kind: Optional[str], axis:
     if module is not None and kind in _SIZE_ROLES:
         names = size_attributes(module, literal, _SIZE_ROLES[kind])
         for name in names:
-            if name.startswith("config."):  # configs are shared: refreshed once, from every layer
-                continue
-            key = (ctx.calling_path(), name)
+            shared = name.startswith("config.")  # one config serves every layer; refreshed once, at the end
+            if shared and ctx.exported:
+                continue  # under export the literal may as well be a shape read: verification has the last word
+            key = ("config", id(module.config), name) if shared else (ctx.calling_path(), name)
             sized = ctx.state.attribute_axes.setdefault(key, axis)
             if sized is axis:
-                ctx.state.widths.append((key[0], name, axis))
-            else:  # one attribute sizes several axes (q, k and v views): they must shrink alike
+                if not shared:
+                    ctx.state.widths.append((key[0], name, axis))
+            elif len(sized) == len(axis):  # one attribute sizes several axes (q, k and v; every layer)
                 ctx.unify(sized, axis, len(axis))
+            else:
+                ctx.freeze(axis, f"{name} sizes axes of different lengths")
         if names:
             return True
     return ctx.exported and kind == "pass"
@@ -313,9 +317,23 @@ def _reads_shape_of(node: fx.Node) -> bool:
 @rule(torch.flatten, ".flatten", "aten.flatten", nn.Flatten, ".unflatten", torch.unflatten, nn.Unflatten,
       "aten.unflatten", ".squeeze", torch.squeeze, "aten.squeeze", ".unsqueeze", torch.unsqueeze, "aten.unsqueeze")
 def flatten(ctx: RuleContext, node):
-    """Reshapes without size arguments. Flatten: each channel expands into its block of trailing
-    positions (flatten -> linear); (un)squeeze only adds or drops size-1 axes."""
-    return reshape_label(ctx, ctx.arg(0), ctx.out.shape)
+    """Reshapes without a full size argument. Flatten: each channel expands into its block of
+    trailing positions (flatten -> linear); (un)squeeze only adds or drops size-1 axes; unflatten's
+    sizes are bound like a view's."""
+    kinds: List[Optional[str]] = []
+    labels = reshape_label(ctx, ctx.arg(0), ctx.out.shape, kinds)
+    if "unflatten" not in str(node.target).lower() and not isinstance(ctx.modules.get(node.target), nn.Unflatten):
+        return labels
+    if node.op == "call_module":
+        dim, sizes = ctx.module.dim, ctx.module.unflattened_size
+    else:
+        dim, sizes = ctx.arg(1, "dim"), ctx.arg(2, "sizes")
+    if not isinstance(dim, int) or not isinstance(sizes, (list, tuple)):
+        ctx.freeze(labels, "unflatten with unrecognised sizes")
+        return ctx.unlabeled_output()
+    dim = norm_dim(dim, ctx.meta(ctx.arg(0)).ndim)
+    entries = [-1] * dim + list(sizes) + [-1] * (ctx.out.ndim - dim - len(sizes))
+    return bind_sizes(ctx, labels, ctx.out.shape, entries, kinds)
 
 
 # ---- axis permutations ------------------------------------------------------------------------------------
@@ -549,7 +567,7 @@ def gather(ctx: RuleContext, node):
             ctx.freeze(lx[k], "gathered or partly read channel axis")
             out.append(li[k])
         else:
-            out.append(ctx.unify_all([lx[k], li[k]], size) if li[k] is not None else lx[k])
+            out.append(ctx.unify_all([lx[k], li[k]], size))  # a fixed-size index cannot shrink
     return tuple(out)
 
 
@@ -584,11 +602,19 @@ def _tensor_index(ctx: RuleContext, label: list, items: list):
 def _indexed_axes(ctx: RuleContext, label: list, picked: List[int], indices: list):
     """Labels after indexing axes ``picked`` (adjacent) with tensors: they are replaced by the
     indices' broadcast axes; a channel axis indexed this way is frozen."""
+    last = picked[-1]
     for k, index in zip(picked, indices):
-        ctx.freeze(label[k], "indexing a channel axis with a tensor")
+        meta = ctx.meta(index)
+        consumed = meta.ndim if getattr(meta, "dtype", None) == torch.bool else 1  # a mask covers ndim axes
+        for axis in label[k:k + consumed]:
+            ctx.freeze(axis, "indexing a channel axis with a tensor")
+        last = max(last, k + consumed - 1)
         ctx.freeze(ctx.label(index), "index tensor")
-    n_index = ctx.out.ndim - (len(label) - len(picked))
-    return tuple(label[:picked[0]] + [None] * n_index + label[picked[-1] + 1:])
+    n_index = ctx.out.ndim - (len(label) - (last - picked[0] + 1))
+    if n_index < 0:
+        ctx.freeze(tuple(label), "tensor indexing with an unrecognised result")
+        return ctx.unlabeled_output()
+    return tuple(label[:picked[0]] + [None] * n_index + label[last + 1:])
 
 
 @rule(torch.select, ".select", "aten.select")
