@@ -11,8 +11,11 @@ from .errors import (ExampleInputError, InvalidModelError, InvalidRatioError, St
 from .graph import DependencyGraph, Group
 from .metrics import count_macs, count_parameters, latency_ms
 from .plan import Plan, PlanOptions, Planner
+from .regularizers import regularizer
 from .rules import rule
+from .schedules import Iterative, OneShot, Pruner, Step
 from .shrink import updater
+from .timing import LotteryTicket, SoftPruner
 from .verify import VerificationResult
 
 __version__ = "0.1.0"
@@ -23,5 +26,6 @@ __all__ = [
     "count_parameters", "get_criterion", "latency_ms", "PlanOptions", "Planner", "register_criterion",
     "register_size_attribute", "rule",
     "ScoringContext", "slim",
-    "slim_with_report", "updater",
+    "slim_with_report", "updater", "Iterative", "OneShot", "Pruner", "Step", "SoftPruner", "LotteryTicket",
+    "regularizer",
 ]

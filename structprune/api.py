@@ -31,6 +31,7 @@ class SlimReport:
     params_after: int
     verification: Optional[VerificationResult]
     pruned_groups: Dict[int, Tuple[int, int]] = field(default_factory=dict)  # id -> (units before, after)
+    widths: Dict[str, int] = field(default_factory=dict)  # producing layer -> prunable width before pruning
 
     @property
     def groups_pruned(self) -> int:
@@ -71,13 +72,18 @@ def slim_with_report(model: nn.Module, example_input: Any, ratio: Optional[float
                      loss_fn: Optional[Callable] = None, reduction: str = "mean",
                      normalize: Optional[str] = "mean", seed: Optional[int] = None, verify: bool = True,
                      inplace: bool = False, tracer: str = "auto", attention: str = "heads",
-                     hidden: bool = True) -> Tuple[nn.Module, SlimReport]:
-    """Like :func:`slim`, also returning a :class:`SlimReport`."""
+                     hidden: bool = True, reference_widths: Optional[Dict[str, int]] = None
+                     ) -> Tuple[nn.Module, SlimReport]:
+    """Like :func:`slim`, also returning a :class:`SlimReport`.
+
+    ``reference_widths`` (layer name -> width before any pruning, see :attr:`SlimReport.widths`) makes
+    ``ratio`` count from those widths: what :class:`structprune.Pruner` uses between steps."""
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     budget = _check_target(target)
     ratio = _check_ratio(0.5 if budget else ratio)  # with a target the ratio is searched for
-    options = PlanOptions(ratio, scope, max_group_ratio, round_to, ignore, dict(ratios or {}), normalize, hidden)
+    options = PlanOptions(ratio, scope, max_group_ratio, round_to, ignore, dict(ratios or {}), normalize, hidden,
+                          reference_widths)
     score = get_criterion(criterion)
     dg = DependencyGraph(model, example_input, tracer=tracer, attention=attention)
     _check_materialised(model, criterion, verify)
@@ -113,7 +119,8 @@ def slim_with_report(model: nn.Module, example_input: Any, ratio: Optional[float
         result = _checked(dg, plan, pruned, dropped, reference, exact_part) if verify else None
     report = SlimReport(dg, plan, params_before, count_parameters(pruned), result,
                         {gid: (dg.groups[gid].n_units, dg.groups[gid].n_units - len(units))
-                         for gid, units in plan.drops.items()})
+                         for gid, units in plan.drops.items()},
+                        {layer.name: layer.width for layer in planner.layers})
     return pruned, report
 
 

@@ -63,6 +63,9 @@ class PlanOptions:
     ratios: Dict[str, float] = field(default_factory=dict)
     normalize: Optional[str] = "mean"
     hidden: bool = True
+    # layer name -> width before any pruning: ``ratio`` then counts from those widths, so a schedule's
+    # cumulative targets are met exactly step after step (see schedules.Pruner)
+    reference_widths: Optional[Dict[str, int]] = None
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -152,7 +155,12 @@ class Planner:
             fixed = next((r for pattern, r in options.ratios.items() if fnmatch.fnmatchcase(layer.name, pattern)), None)
             if options.scope == "local" or fixed is not None:
                 ratio = options.ratio if fixed is None else fixed
-                n_drop = min(math.floor(ratio * len(layer.units) + 1e-9), layer.width - 1)
+                reference = (options.reference_widths or {}).get(layer.name)
+                if reference:  # keep what the ratio leaves of the original width
+                    n_drop = layer.width - (reference - math.floor(ratio * reference + 1e-9))
+                    n_drop = min(max(n_drop, 0), len(layer.units), layer.width - 1)
+                else:
+                    n_drop = min(math.floor(ratio * len(layer.units) + 1e-9), layer.width - 1)
                 drop = self._lowest(layer, n_drop)
                 chosen.setdefault(layer.group.id, []).append(self._rounded(layer, drop, options.round_to))
             else:
@@ -186,6 +194,10 @@ class Planner:
         relative_rank = np.concatenate([np.argsort(np.argsort(normalized[layer.units], kind="stable")) / len(layer.units)
                                         for layer, normalized in pooled])
         quota = math.floor(options.ratio * len(units) + 1e-9)
+        if options.reference_widths:  # a fraction of the original total, minus what earlier steps took
+            original = sum(options.reference_widths.get(layer.name, layer.width) for layer, _ in pooled)
+            already = original - sum(layer.width for layer, _ in pooled)
+            quota = max(0, math.floor(options.ratio * original + 1e-9) - already)
         taken = np.zeros(len(pooled), np.int64)
         picked = []
         for i in np.lexsort((relative_rank, scores)):
