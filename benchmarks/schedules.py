@@ -23,7 +23,6 @@ docs/schedules.png and the raw results as benchmarks/results/schedules.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics

@@ -44,7 +44,7 @@ def test_increments_compose_to_the_cumulative_targets():
 def test_iterative_pruning_reaches_the_one_shot_widths_and_calls_back_between_steps():
     model = _convnet().eval()
     seen = []
-    pruner = sp.Pruner(model, X, 0.7, schedule=sp.Iterative(4, "cubic"))
+    pruner = sp.Pruner(model, X, 0.7, schedule=sp.Iterative(4, "cubic"), progress=True)
     small = pruner.run(lambda p, step: seen.append((step.index, p.model[0].out_channels)))
     one_shot = sp.slim(model, X, 0.7)
     assert [i for i, _ in seen] == [1, 2, 3, 4]
@@ -169,3 +169,26 @@ def test_regularizer_errors_are_specific():
         sp.regularizer(_convnet(), "group_lasso", 1.0)
     with pytest.raises(ValueError, match="BatchNorm"):
         sp.regularizer(nn.Linear(2, 2), "bn_l1", 1.0)
+
+
+def test_late_rewinding_uses_the_snapshot_taken_at_iteration_k():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(4, 6)
+    ticket = sp.LotteryTicket(model, x)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step():
+        loss = F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()
+    ticket.snapshot()  # iteration k = 1
+    at_k = model[0].weight.detach().clone()
+    for _ in range(4):
+        step()
+    winner = ticket.prune_and_rewind(0.5, granularity="element")
+    mask = winner[0].weight_mask
+    torch.testing.assert_close(winner[0].weight, at_k * mask, rtol=0, atol=0)
