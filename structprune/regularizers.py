@@ -21,7 +21,8 @@ from torch import nn
 from .graph import DependencyGraph
 
 KINDS = ("bn_l1", "group_lasso")
-_GROUP_TERMS: "weakref.WeakKeyDictionary[nn.Module, List[Tuple]]" = weakref.WeakKeyDictionary()
+# model -> (ids of its parameters when the groups were found, the per-group terms)
+_GROUP_TERMS: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, List[Tuple]]]" = weakref.WeakKeyDictionary()
 
 
 def regularizer(model: nn.Module, kind: str, strength: float, *, example_input: Any = None) -> torch.Tensor:
@@ -29,8 +30,6 @@ def regularizer(model: nn.Module, kind: str, strength: float, *, example_input: 
     if kind == "bn_l1":
         return strength * bn_l1(model)
     if kind == "group_lasso":
-        if example_input is None and model not in _GROUP_TERMS:
-            raise ValueError("group_lasso needs example_input=... (once per model) to find the coupled groups")
         return strength * group_lasso(model, example_input)
     raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
 
@@ -46,9 +45,14 @@ def bn_l1(model: nn.Module) -> torch.Tensor:
 
 def group_lasso(model: nn.Module, example_input: Optional[Any] = None) -> torch.Tensor:
     """Sum over the prunable channels of every group of the L2 norm of the channel's slices."""
-    terms = _GROUP_TERMS.get(model)
-    if terms is None:
-        terms = _GROUP_TERMS[model] = _group_terms(model, example_input)
+    identity = tuple(id(p) for p in model.parameters())
+    cached = _GROUP_TERMS.get(model)
+    if cached is None or cached[0] != identity:  # first call, or the model was pruned in place since
+        if example_input is None:
+            raise ValueError("group_lasso needs example_input=... to find the coupled groups of this model "
+                             "(again, if its parameters changed since the last call)")
+        cached = _GROUP_TERMS[model] = (identity, _group_terms(model, example_input))
+    terms = cached[1]
     total = None
     for tensors, n_units, free in terms:
         squares = None
