@@ -191,3 +191,24 @@ def test_bad_arguments_are_rejected_with_specific_errors():
         sp.sparsify(layer, 0.5, "channel")
     with pytest.raises(sp.StructPruneError, match="no tensor"):
         sp.sparsify(nn.ReLU(), 0.5)
+
+
+class NamedParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(8, 8))
+        self.proj = nn.Conv1d(8, 8, 3)
+
+    def forward(self, x):
+        return self.proj((x @ self.table).transpose(1, 2))  # x: (B, L, 8)
+
+
+def test_any_named_parameter_and_conv1d_can_be_masked():
+    torch.manual_seed(0)
+    model = NamedParameter()
+    report = sp.sparsify(model, 0.25, "element", targets=["table"])
+    assert [row[0] for row in report.rows] == ["table"] and _zeros(model.table) == 16
+    sp.sparsify(model, granularity="nm", n=1, m=4, targets=["proj.weight"])
+    runs = (model.proj.weight != 0).movedim(1, -1).reshape(-1, 4)
+    assert (runs.sum(1) == 1).all()
+    assert model(torch.randn(2, 5, 8)).shape == (2, 8, 3)  # still runs
