@@ -9,6 +9,7 @@ from .criteria import ScoringContext, get_criterion, register_criterion
 from .errors import (ExampleInputError, InvalidModelError, InvalidRatioError, StructPruneError, TraceError,
                      VerificationError)
 from .graph import DependencyGraph, Group
+from .io import LoadError, load, save
 from .masks import apply_masks, remove_masks, sparsify, sparsity_report, to_semi_structured
 from .metrics import count_macs, count_parameters, latency_ms
 from .plan import Plan, PlanOptions, Planner
@@ -28,5 +29,6 @@ __all__ = [
     "register_size_attribute", "rule",
     "ScoringContext", "slim",
     "slim_with_report", "updater", "Iterative", "OneShot", "Pruner", "Step", "SoftPruner", "LotteryTicket",
-    "regularizer", "sparsify", "sparsity_report", "remove_masks", "apply_masks", "to_semi_structured",
+    "regularizer", "sparsify", "sparsity_report", "remove_masks", "apply_masks", "to_semi_structured", "save", "load",
+    "LoadError",
 ]
