@@ -14,6 +14,7 @@ from .masks import apply_masks, remove_masks, sparsify, sparsity_report, to_semi
 from .metrics import count_macs, count_parameters, latency_ms
 from .plan import Plan, PlanOptions, Planner
 from .regularizers import regularizer
+from .report import Report, report
 from .rules import rule
 from .schedules import Iterative, OneShot, Pruner, Step
 from .shrink import updater
@@ -30,5 +31,5 @@ __all__ = [
     "ScoringContext", "slim",
     "slim_with_report", "updater", "Iterative", "OneShot", "Pruner", "Step", "SoftPruner", "LotteryTicket",
     "regularizer", "sparsify", "sparsity_report", "remove_masks", "apply_masks", "to_semi_structured", "save", "load",
-    "LoadError",
+    "LoadError", "Report", "report",
 ]

@@ -289,13 +289,43 @@ class DependencyGraph:
     def label_of(self, node: fx.Node) -> Label:
         return self.labels.get(node)
 
-    def summary(self) -> str:
+    def summary(self, limit: Optional[int] = None) -> str:
+        """A table: group id, width (channels pruned together count once), member tensors, and
+        prunable or frozen with the reason; ``limit`` rows at most."""
         prunable = self.prunable_groups
-        lines = [f"{len(self.groups)} groups, {len(prunable)} prunable, traced with {self.trace.tracer}"]
+        lines = [f"{len(self.groups)} groups, {len(prunable)} prunable, traced with {self.trace.tracer}",
+                 f"{'group':>5}  {'width':>6}  {'members':>7}  {'status':<9}  first member / why frozen"]
+        for group in self.groups[:limit]:
+            status = "prunable" if group.prunable else "frozen"
+            detail = str(group.spaces[0]) if group.prunable else (group.frozen_reason or "")
+            lines.append(f"{group.id:>5}  {group.n_units:>6}  {len(group.spaces):>7}  {status:<9}  {detail[:90]}")
+        if limit is not None and len(self.groups) > limit:
+            lines.append(f"... {len(self.groups) - limit} more groups")
         if self.unknown_ops:
             ops = ", ".join(f"{k} x{v}" for k, v in self.unknown_ops.most_common())
             lines.append(f"ops without a rule (their channels are kept whole): {ops}")
         return "\n".join(lines)
+
+    def to_networkx(self) -> nx.Graph:
+        """The channel-space graph (see :attr:`graph`), for networkx's algorithms and drawing."""
+        return self.graph
+
+    def write(self, path: str) -> None:
+        """Write the channel-space graph as GraphML (``.graphml``) or Graphviz DOT (``.dot``)."""
+        g = nx.Graph()
+        for node, data in self.graph.nodes(data=True):
+            group = self.groups[data["group"]] if data["group"] is not None else None
+            g.add_node(node, tensor=data["tensor"], dim=data["dim"], size=data["size"],
+                       group=-1 if group is None else group.id, prunable=bool(group is not None and group.prunable))
+        for u, v, data in self.graph.edges(data=True):
+            g.add_edge(u, v, ops="; ".join(sorted(data["ops"])))
+        if path.endswith(".graphml"):
+            nx.write_graphml(g, path)
+        elif path.endswith(".dot"):
+            with open(path, "w") as f:
+                f.write(_dot(g))
+        else:
+            raise ValueError(f"write() knows .graphml and .dot files, not {path!r}")
 
 
 def _idle_tensor_names(trace: Trace, tensors: Dict[str, torch.Tensor]) -> List[str]:
@@ -354,3 +384,21 @@ def _matches(label: Label, meta: Any) -> bool:
         return isinstance(label, list) and len(label) == len(meta) and all(
             _matches(l, m) for l, m in zip(label, meta.values()))
     return label is None
+
+
+def _dot(g: nx.Graph) -> str:
+    """Graphviz DOT text of the channel-space graph: one node per space, grouped by colour."""
+    def quote(text) -> str:
+        escaped = str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+
+    palette = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5"]
+    lines = ["graph channels {", "  node [shape=box, style=filled, fontsize=10];"]
+    for node, data in g.nodes(data=True):
+        colour = palette[data["group"] % len(palette)] if data["prunable"] else "#d9d9d9"
+        label = f"{data['tensor']}[{data['dim']}] x{data['size']}\ngroup {data['group']}"
+        lines.append(f"  {node} [label={quote(label)}, fillcolor={quote(colour)}];")
+    for u, v, data in g.edges(data=True):
+        lines.append(f"  {u} -- {v} [tooltip={quote(data['ops'])}];")
+    lines.append("}")
+    return "\n".join(lines) + "\n"

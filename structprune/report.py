@@ -1,0 +1,86 @@
+"""Before and after: a printable comparison of an original model and its pruned version.
+
+    rep = sp.report(model, small, x)   # parameters, MACs, latency, and every layer's width
+    print(rep)
+    rep.plot("widths.png")             # per-layer widths before/after (matplotlib)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
+
+from torch import nn
+
+from .metrics import count_macs, count_parameters, latency_ms
+
+_WIDTH = {nn.modules.conv._ConvNd: "out_channels", nn.Linear: "out_features",
+          nn.modules.batchnorm._NormBase: "num_features", nn.Embedding: "embedding_dim",
+          nn.MultiheadAttention: "embed_dim", nn.GroupNorm: "num_channels"}
+
+
+def _width(module: nn.Module) -> Optional[int]:
+    for cls, attr in _WIDTH.items():
+        if isinstance(module, cls):
+            return getattr(module, attr, None)
+    return None
+
+
+@dataclass
+class Report:
+    """Sizes and speed before and after, plus ``layers``: ``(name, width before, width after)``."""
+
+    params: Tuple[int, int]
+    macs: Tuple[Optional[int], Optional[int]]
+    latency_ms: Tuple[Optional[float], Optional[float]]
+    layers: List[Tuple[str, int, int]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        def row(label, before, after, fmt):
+            if before is None or after is None:
+                return f"{label:<10} {'n/a':>14} {'n/a':>14}"
+            change = f"{after / before:8.2f}x" if before else ""
+            return f"{label:<10} {fmt(before):>14} {fmt(after):>14} {change}"
+
+        lines = [f"{'':<10} {'before':>14} {'after':>14}",
+                 row("params", *self.params, lambda v: f"{v:,}"),
+                 row("MACs", *self.macs, lambda v: f"{v:,}"),
+                 row("latency", *self.latency_ms, lambda v: f"{v:.2f} ms")]
+        changed = [layer for layer in self.layers if layer[1] != layer[2]]
+        lines.append(f"{len(changed)} of {len(self.layers)} layers narrower:")
+        width = max([len(name) for name, _, _ in changed] + [5])
+        lines += [f"  {name:<{width}} {before:>6} -> {after:<6}" for name, before, after in changed]
+        return "\n".join(lines)
+
+    def plot(self, path: str) -> None:
+        """Save a bar chart of every layer's width before and after."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [name for name, _, _ in self.layers]
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(names) + 2), 4))
+        positions = range(len(names))
+        ax.bar(positions, [b for _, b, _ in self.layers], color="#bbbbbb", label="before")
+        ax.bar(positions, [a for _, _, a in self.layers], color="tab:blue", label="after")
+        ax.set_xticks(list(positions))
+        ax.set_xticklabels(names, rotation=90, fontsize=6)
+        ax.set_ylabel("width (channels)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def report(original: nn.Module, pruned: nn.Module, example_input: Any, *, latency: bool = True,
+           macs: bool = True) -> Report:
+    """Compare ``original`` and ``pruned`` on ``example_input`` (latency: median of torch.utils.benchmark)."""
+    before = {name: _width(m) for name, m in original.named_modules()}
+    after = {name: _width(m) for name, m in pruned.named_modules()}
+    layers = [(name, w, after[name]) for name, w in before.items() if w is not None and after.get(name) is not None]
+    return Report(
+        params=(count_parameters(original), count_parameters(pruned)),
+        macs=(count_macs(original, example_input), count_macs(pruned, example_input)) if macs else (None, None),
+        latency_ms=(latency_ms(original, example_input), latency_ms(pruned, example_input)) if latency
+        else (None, None),
+        layers=layers,
+    )
