@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     x = torch.randn(1, 3, args.size, args.size)
     small, report = slim_with_report(model, x, args.ratio)
 
-    print(f"\n{args.model}: {report.graph.summary()}")
+    print(f"\n{args.model}: {report.graph.summary(limit=12)}")
     print("\nlargest pruned groups (units before -> after, first members):")
     ranked = sorted(report.pruned_groups.items(), key=lambda kv: -kv[1][0])
     for gid, (before, after) in ranked[:8]:
