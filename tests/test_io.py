@@ -110,3 +110,23 @@ def test_loading_sets_only_plain_attributes_the_model_already_has(saved_resnet, 
     back = sp.load(target, torchvision.models.resnet18())
     assert callable(back.conv1.forward) and not hasattr(back.conv1, "brand_new")
     assert back.eval()(x).shape == (1, 1000)
+
+
+def test_report_summary_and_graph_files(tmp_path):
+    import networkx as nx
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    small = sp.slim(model, x, 0.5)
+    rep = sp.report(model, small, x, latency=False)
+    assert rep.params == (sp.count_parameters(model), sp.count_parameters(small))
+    assert rep.macs[1] < rep.macs[0] and ("layer1.0.conv1", 64, 32) in rep.layers
+    assert "layers narrower" in str(rep)
+    rep.plot(str(tmp_path / "widths.png"))
+    assert (tmp_path / "widths.png").read_bytes()[:4] == b"\x89PNG"
+    graph = sp.DependencyGraph(model, x)
+    table = graph.summary(limit=3)
+    assert "prunable" in table and "more groups" in table
+    graph.write(str(tmp_path / "g.graphml"))
+    assert nx.read_graphml(tmp_path / "g.graphml").number_of_nodes() == graph.to_networkx().number_of_nodes()
