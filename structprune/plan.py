@@ -87,6 +87,7 @@ class _Layer:
     name: str  # the producing module's path, used by `ratios`
     units: np.ndarray  # candidate unit indices (not frozen, not ignored)
     width: int  # all units the layer produces, frozen ones included
+    channels_per_unit: int = 1  # a head is head_dim channels of its projection
 
 
 def _reads_inputs(module: Optional[nn.Module], attribute: str, dim: int) -> bool:
@@ -143,7 +144,9 @@ class Planner:
                 units = np.flatnonzero(in_layer & ~excluded)
                 if units.size:
                     name = group.spaces[origin].tensor.rpartition(".")[0] if origin >= 0 else ""
-                    layers.append(_Layer(group, name, units, int(in_layer.sum())))
+                    per_unit = group.spaces[origin].size // max(len(np.unique(group.unit_index[origin])), 1) \
+                        if origin >= 0 else 1
+                    layers.append(_Layer(group, name, units, int(in_layer.sum()), max(per_unit, 1)))
         return layers
 
     def plan(self, options: PlanOptions) -> Plan:
@@ -211,11 +214,13 @@ class Planner:
         return [units[picked[owners[picked] == k]] for k in range(len(pooled))]
 
     def _rounded(self, layer: _Layer, drop: np.ndarray, round_to: Optional[int]) -> np.ndarray:
-        """Adjust ``drop`` so the layer keeps a multiple of ``round_to`` units (nearest, at least one multiple)."""
-        if not round_to or layer.width <= round_to:
+        """Adjust ``drop`` so the layer keeps a multiple of ``round_to`` *channels* (nearest, at least one
+        multiple): units that span several channels (attention heads) need fewer units per step."""
+        step = round_to // math.gcd(round_to, layer.channels_per_unit) if round_to else 0  # heads of 64 need none
+        if not step or step == 1 or layer.width <= step:
             return drop
         keep = layer.width - len(drop)
-        target = max(round_to, int(round(keep / round_to)) * round_to)
+        target = max(step, int(round(keep / step)) * step)
         n_drop = min(max(layer.width - target, 0), len(layer.units), layer.width - 1)
         return self._lowest(layer, n_drop) if n_drop != len(drop) else drop
 

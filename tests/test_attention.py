@@ -148,3 +148,10 @@ def test_a_width_hidden_in_an_exported_literal_is_found_by_the_dry_run():
     assert small.inp.out_features == 32  # the residual width feeds C // num_heads: kept whole
     assert any("kept whole" in note for note in report.graph.notes)
     assert outputs(small, x).shape == (2, 2)
+
+
+def test_round_to_counts_channels_so_heads_are_not_rounded_to_multiples_of_eight():
+    model = _encoder(heads=12, head_dim=8)
+    small = sp.slim(model, IDS, 0.5, hidden=False, round_to=8)
+    assert small.blocks[0].num_heads == 6  # 6 heads x 8 dims = 48 channels: already a multiple of 8
+    assert small.blocks[0].fc1.out_features % 8 == 0
