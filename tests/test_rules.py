@@ -581,3 +581,19 @@ class TransposeAttributes(nn.Module):
 def test_tensor_transpose_attributes_keep_labels(tracer):
     small, report = slim_exact(TransposeAttributes(), torch.randn(5, 4), 0.5, tracer=tracer)
     assert not report.unknown_ops
+
+
+class NormalizedFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(F.normalize(self.a(x), dim=1))  # a norm over a's channels
+
+
+def test_normalize_over_channels_is_approximate_not_unknown():
+    small, report = sp.slim_with_report(NormalizedFeatures(), torch.randn(2, 3, 4, 4), 0.5)
+    assert small.a.out_channels == 4 and not report.unknown_ops
+    assert report.verification.passed and not report.verification.exact

@@ -115,6 +115,17 @@ def softmax(ctx: RuleContext, node):
     return label
 
 
+@rule(F.normalize)
+def normalize(ctx: RuleContext, node):
+    """``F.normalize(x, p, dim)``: x / ||x|| along ``dim`` (cosine attention in Swin V2, XCiT). Pruning
+    that axis changes the norm: approximate, like LayerNorm; every other axis passes through."""
+    x = ctx.arg(0, "input")
+    label = ctx.tlabel(x)
+    dim = norm_dim(ctx.arg(2, "dim", 1), len(label))
+    ctx.state.mark_inexact(label[dim], "normalize divides by a norm over the pruned channels")
+    return label
+
+
 @rule(nn.GLU, F.glu, "aten.glu", ".glu")
 def glu(ctx: RuleContext, node):
     """out = a * sigmoid(b) with (a, b) = x.chunk(2, dim): channel i of both halves go together."""
