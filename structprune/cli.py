@@ -17,7 +17,7 @@ import argparse
 import importlib.util
 import os
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -142,15 +142,20 @@ def cmd_slim(args) -> int:
 def cmd_bench(args) -> int:
     import structprune as sp
     from .metrics import count_macs, count_parameters, latency_ms
+    from .schedules import progress_bar
 
     model, x = _load(args)
     ratios = [float(r) for r in args.ratios.split(",")]
     print(f"{'ratio':>6} {'params':>14} {'MACs':>16} {'latency':>12}")
-    rows = _progress(ratios, "ratios") if len(ratios) > 1 else ratios
-    for ratio in rows:
+    bar = progress_bar(len(ratios), "ratios") if len(ratios) > 1 else None
+    for ratio in ratios:
         small = model if ratio == 0 else sp.slim(model, x, ratio, criterion=args.criterion, verify=False)
         print(f"{ratio:>6.2f} {count_parameters(small):>14,} {count_macs(small, x):>16,} "
               f"{latency_ms(small, x):>9.2f} ms", flush=True)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return EXIT_OK
 
 
@@ -159,14 +164,6 @@ def cmd_demo(args) -> int:
 
     demo_main([])
     return EXIT_OK
-
-
-def _progress(items: Sequence, what: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=what, leave=False, file=sys.stderr)
 
 
 def parser() -> argparse.ArgumentParser:

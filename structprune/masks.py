@@ -245,7 +245,7 @@ def _sparsify_channels(model, sparsity, scope, criterion, data, loss_fn, example
     plan = Planner(graph, context, get_criterion(criterion), ignore).plan(PlanOptions(sparsity, scope, **options))
     dropped = plan.element_mask(graph)
     for space in graph.state.spaces:
-        gone = dropped[space.start:space.start + space.size]
+        gone = space.of(dropped)
         path, _, attr = space.tensor.rpartition(".")
         module = model.get_submodule(path)
         if not gone.any() or not (attr in module._parameters or parametrize.is_parametrized(module, attr)):

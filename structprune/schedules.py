@@ -14,6 +14,7 @@ caller fine-tunes between steps.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional
 
@@ -100,7 +101,7 @@ class Pruner:
         return len(self.targets)
 
     def __iter__(self) -> Iterator[Step]:
-        bar = _progress_bar(len(self)) if self.progress else None
+        bar = progress_bar(len(self), "pruning") if self.progress else None
         reference = None  # the widths before the first step: every target counts from them
         for index, (target, fraction) in enumerate(zip(self.targets, self.fractions), start=1):
             self.model, report = slim_with_report(self.model, self.example_input, target,
@@ -123,9 +124,10 @@ class Pruner:
         return self.model
 
 
-def _progress_bar(total: int):
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on stderr, or None when tqdm is not installed."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # progress bars are a nicety, not a dependency
         return None
-    return tqdm(total=total, desc="pruning", unit="step")
+    return tqdm(total=total, desc=desc, file=sys.stderr)

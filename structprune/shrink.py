@@ -109,7 +109,7 @@ def sliced_tensors(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -
     ``id`` of the tensor they replace. Parameters stay ``nn.Parameter`` with their ``requires_grad``."""
     cuts: Dict[str, List[Tuple[int, np.ndarray]]] = {}
     for space in dg.state.spaces:
-        gone = dropped[space.start:space.start + space.size]
+        gone = space.of(dropped)
         if gone.any():
             cuts.setdefault(space.tensor, []).append((space.dim, np.flatnonzero(~gone)))
     replacements: Dict[int, torch.Tensor] = {}

@@ -40,6 +40,10 @@ class Space:
     def elements(self) -> np.ndarray:
         return np.arange(self.start, self.start + self.size, dtype=np.int64)
 
+    def of(self, per_element: np.ndarray) -> np.ndarray:
+        """This space's entries of an array indexed by element (a drop mask, a unit map)."""
+        return per_element[self.start:self.start + self.size]
+
     def __str__(self) -> str:
         return f"{self.tensor}[dim {self.dim}]"
 

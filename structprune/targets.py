@@ -33,7 +33,7 @@ def params_removed(dg: DependencyGraph, model: nn.Module) -> Callable[[Plan], fl
         for name, p in params.values():
             numel = float(p.numel())
             for space in cuts.get(name, ()):
-                numel *= 1 - dropped[space.start:space.start + space.size].mean()
+                numel *= 1 - space.of(dropped).mean()
             after += numel
         return 1 - after / max(total, 1)
 

@@ -40,7 +40,7 @@ def zero_channels(model: nn.Module, graph: DependencyGraph, dropped: np.ndarray,
         spaces = [s for s in spaces if (s.tensor.rpartition(".")[0], s.dim) in owners]
     with torch.no_grad():
         for space in spaces:
-            gone = np.flatnonzero(dropped[space.start:space.start + space.size])
+            gone = np.flatnonzero(space.of(dropped))
             if gone.size:
                 tensor = graph.tensors[space.tensor]
                 tensor.index_fill_(space.dim, torch.as_tensor(gone, device=tensor.device), 0)

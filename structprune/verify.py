@@ -77,7 +77,7 @@ def _zeroed_leaf_parameters(dg: DependencyGraph, dropped: np.ndarray):
     owned = {f"{path}.{name}" for path in leaves for name, _ in dg.trace.module.get_submodule(path).named_parameters()}
     zeroed: Dict[int, torch.Tensor] = {}
     for space in dg.state.spaces:
-        gone = np.flatnonzero(dropped[space.start:space.start + space.size])
+        gone = np.flatnonzero(space.of(dropped))
         if space.tensor in owned and gone.size:
             path, _, attr = space.tensor.rpartition(".")
             tensor = getattr(dg.model.get_submodule(path), attr)
