@@ -3,22 +3,22 @@
 >>> import structprune as sp
 >>> small = sp.slim(model, example_input, ratio=0.5)
 """
-from .api import SlimReport, slim, slim_with_report
-from .attributes import register_size_attribute
-from .criteria import ScoringContext, get_criterion, register_criterion
+from .slim import SlimReport, slim, slim_with_report
+from .surgery.size_attributes import register_size_attribute
+from .scoring.criteria import ScoringContext, get_criterion, register_criterion
 from .errors import (ExampleInputError, InvalidModelError, InvalidRatioError, StructPruneError, TraceError,
                      VerificationError)
-from .graph import DependencyGraph, Group
-from .io import LoadError, load, save
-from .masks import apply_masks, remove_masks, sparsify, sparsity_report, to_semi_structured
-from .metrics import count_macs, count_parameters, latency_ms
-from .plan import Plan, PlanOptions, Planner
-from .regularizers import regularizer
-from .report import Report, report
-from .rules import rule
-from .schedules import Iterative, OneShot, Pruner, Step
-from .shrink import updater
-from .timing import LotteryTicket, SoftPruner
+from .graph.dependency_graph import DependencyGraph, Group
+from .tools.io import LoadError, load, save
+from .masks.sparsify import apply_masks, remove_masks, sparsify, sparsity_report, to_semi_structured
+from .tools.metrics import count_macs, count_parameters, latency_ms
+from .planning.planner import Plan, PlanOptions, Planner
+from .workflows.regularizers import regularizer
+from .tools.report import Report, report
+from .ops import rule
+from .workflows.schedules import Iterative, OneShot, Pruner, Step
+from .surgery.shrink import updater
+from .workflows.soft import LotteryTicket, SoftPruner
 from .verify import VerificationResult
 
 __version__ = "0.1.0"

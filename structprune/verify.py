@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .graph import DependencyGraph
-from .spaces import Label
-from .trace import eval_mode, output_tensors
+from .graph.dependency_graph import DependencyGraph
+from .graph.labels import Label
+from .graph.capture import eval_mode, output_tensors
 
 RTOL = 1e-4  # relative to the largest reference magnitude: pruning only reorders float sums
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import structprune as sp
-from structprune.criteria import ScoringContext, get_criterion
+from structprune.scoring.criteria import ScoringContext, get_criterion
 
 
 class TwoConvs(nn.Module):

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
-from structprune.copying import deep_copy_module
+from structprune.surgery.copying import deep_copy_module
 from helpers import assert_unchanged, slim_exact, snapshot
 
 

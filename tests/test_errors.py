@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import structprune as sp
-import structprune.shrink as shrink_module
+import structprune.surgery.shrink as shrink_module
 from helpers import assert_unchanged, snapshot
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import structprune as sp
-from structprune.masks import nm_mask
+from structprune.masks.sparsify import nm_mask
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

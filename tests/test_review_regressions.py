@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
-from structprune.shrink import rollback
+from structprune.surgery.shrink import rollback
 from helpers import slim_exact
 
 

@@ -400,7 +400,7 @@ def test_custom_rule_registration_unfreezes_op():
         assert report.unknown_ops == {} and small.conv.out_channels == 4
         assert report.verification.exact and report.verification.passed
     finally:
-        from structprune.rules import registry
+        from structprune.ops import registry
         registry._CALLABLE_RULES.pop(torch.fliplr)
 
 

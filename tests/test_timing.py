@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
-from structprune.schedules import increments
+from structprune.workflows.schedules import increments
 
 
 def _convnet():

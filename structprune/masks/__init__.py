@@ -1,0 +1,1 @@
+"""Granularities that keep shapes: masks from single weights to whole channels."""

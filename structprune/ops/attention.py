@@ -1,0 +1,136 @@
+"""Attention: ``scaled_dot_product_attention`` and ``nn.MultiheadAttention``.
+
+Explicit attention (``softmax(q @ k.transpose(-2, -1) * scale) @ v``) needs no rule of its own: the
+head split (see ``layout.reshape_label``), matmul's batch axes and the softmax over key positions
+already couple q, k, v and the output projection head by head.
+"""
+from __future__ import annotations
+
+import operator
+from typing import List
+
+import numpy as np
+from torch import nn
+import torch.nn.functional as F
+
+from ..surgery.size_attributes import HeadSplit
+from ..graph.labels import AxisLabel
+from .context import RuleContext, unlabeled
+from .reshape import tie_split
+from .registry import rule
+
+
+def _grouped(ctx: RuleContext, q_axis: AxisLabel, kv_axis: AxisLabel, n_q: int, n_kv: int) -> None:
+    """Grouped-query attention: query head h reads key/value head h // (n_q // n_kv)."""
+    if q_axis is None and kv_axis is None:
+        return
+    if n_q % n_kv:
+        ctx.freeze(q_axis, "query heads not a multiple of key/value heads")
+        ctx.freeze(kv_axis, "query heads not a multiple of key/value heads")
+        return
+    expanded = None if kv_axis is None else np.repeat(kv_axis, n_q // n_kv)
+    ctx.unify(q_axis, expanded, n_q)
+
+
+@rule(F.scaled_dot_product_attention, "aten.scaled_dot_product_attention")
+def scaled_dot_product_attention(ctx: RuleContext, node):
+    """q (..., H, L, E), k (..., Hk, S, E), v (..., Hk, S, Ev) -> (..., H, L, Ev).
+
+    q and k contract over E (they drop the same dims); batch and head axes of q, k, v and the mask
+    are coupled; with ``enable_gqa`` query head h reads key/value head h // (H // Hk). Without an
+    explicit ``scale`` the softmax temperature is 1/sqrt(E): pruning E would change it, so E is frozen.
+    """
+    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    lq, lk, lv = ctx.tlabel(q), ctx.tlabel(k), ctx.tlabel(v)
+    mq, mk = ctx.meta(q), ctx.meta(k)
+    if not (len(lq) == len(lk) == len(lv) >= 3):
+        ctx.freeze_inputs("attention inputs of unequal rank")
+        return ctx.unlabeled_output()
+    ctx.unify(lq[-1], lk[-1], mq.shape[-1])
+    if ctx.arg(6, "scale") is None and lq[-1] is not None:
+        ctx.freeze(lq[-1], "head dims under the implicit 1/sqrt(head_dim) softmax scale (pass scale= to prune them)")
+    ctx.unify(lk[-2], lv[-2], mk.shape[-2])
+    ctx.freeze(lk[-2], "key positions of an attention")
+    ctx.freeze(lq[-2], "query positions of an attention")
+    batch: List[AxisLabel] = []
+    n = len(lq)
+    for i in range(n - 2):
+        kv = ctx.unify_all([lk[i], lv[i]], mk.shape[i])
+        if mq.shape[i] == mk.shape[i]:
+            batch.append(ctx.unify_all([lq[i], kv], mq.shape[i]))
+        elif i == n - 3 and mk.shape[i] > 0:
+            _grouped(ctx, lq[i], kv, mq.shape[i], mk.shape[i])
+            batch.append(lq[i])
+        else:
+            ctx.freeze(lq[i], "attention batch axes that broadcast")
+            ctx.freeze(kv, "attention batch axes that broadcast")
+            batch.append(None)
+    mask = ctx.arg(3, "attn_mask")
+    if ctx.is_tensor(mask):
+        lm, mm = ctx.tlabel(mask), ctx.meta(mask)
+        for j, axis in enumerate(lm):
+            i = j + n - len(lm)
+            if i >= 0 and i < n - 2 and mm.shape[j] == mq.shape[i] and mm.shape[j] > 1:
+                # a bias per head (relative positions, ALiBi) must lose the same heads; an unlabelled
+                # one cannot lose any, so it freezes them
+                ctx.unify(batch[i], axis, mm.shape[j])
+            else:
+                ctx.freeze(axis, "attention mask axis")
+    return tuple(batch) + (None, lv[-1])
+
+
+@rule(nn.MultiheadAttention)
+def multihead_attention(ctx: RuleContext, node):
+    """``nn.MultiheadAttention``: whole heads are pruned.
+
+    Its forward requires the query width to equal ``embed_dim`` (the q/k/v width), so each query
+    channel is tied to the q/k/v rows at the same index; with packed ``in_proj_weight`` the key and
+    value inputs share those columns too. A head is then the block of ``head_dim`` such indices, and
+    the output projection's input columns follow. The output width (``out_proj`` rows) is free.
+    """
+    m = ctx.module
+    if m.bias_k is not None or not m._qkv_same_embed_dim and (m.kdim != m.embed_dim or m.vdim != m.embed_dim):
+        ctx.freeze_inputs("nn.MultiheadAttention with add_bias_kv or separate key/value widths")
+        return ctx.unlabeled_output()
+    query, key, value = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    e, h = m.embed_dim, m.num_heads
+    path = ctx.node.target
+    if m._qkv_same_embed_dim:
+        rows = ctx.module_param("in_proj_weight", 0)
+        cols = ctx.module_param("in_proj_weight", 1)
+        pieces = [rows[:e], rows[e:2 * e], rows[2 * e:]]
+        bias = ctx.module_param("in_proj_bias", 0)
+        ctx.attach(bias, rows)
+        inputs = [cols, cols, cols]
+    else:
+        pieces = [ctx.module_param(f"{n}_proj_weight", 0) for n in "qkv"]
+        inputs = [ctx.module_param(f"{n}_proj_weight", 1) for n in "qkv"]
+        bias = ctx.module_param("in_proj_bias", 0)
+        if bias is not None:
+            ctx.unify(bias, np.concatenate(pieces), 3 * e)
+    out_proj = ctx.model.get_submodule(path + ".out_proj")
+    out_cols = ctx.param_axis(out_proj, path + ".out_proj", "weight", 1)
+    out_rows = ctx.param_axis(out_proj, path + ".out_proj", "weight", 0)
+    ctx.attach(ctx.param_axis(out_proj, path + ".out_proj", "bias", 0), out_rows)
+    for piece in pieces[1:] + [out_cols]:
+        ctx.unify(pieces[0], piece, e)
+    for x, cols in zip((query, key, value), inputs):
+        label = ctx.tlabel(x)
+        ctx.unify(label[-1] if label else None, cols, e)
+        ctx.unify(cols, pieces[0], e)  # forward() checks query width == embed_dim
+    heads = tie_split(ctx, pieces[0], [h, e // h], 0)
+    weights_out = ctx.out[1] if isinstance(ctx.out, (list, tuple)) else None
+    weights_read = weights_out is not None and any(
+        user.target is not operator.getitem or (user.args[1] != 0 and user.users) for user in node.users)
+    mask = ctx.arg(5, "attn_mask")  # forward(query, key, value, key_padding_mask, need_weights, attn_mask, ...)
+    if weights_read or (ctx.is_tensor(mask) and ctx.meta(mask).ndim == 3):
+        # returned attention weights (averaged over heads or per head) and (B*H, L, S) masks are
+        # sized or valued by the head count
+        ctx.freeze(heads, "attention weights returned, or a per-head mask, fix the head count")
+    ctx.state.head_splits.append(HeadSplit(path, heads, e // h))
+    ctx.state.mark_producer(out_rows)
+    ctx.state.mark_producer(pieces[0])
+    label = ctx.tlabel(query)
+    out = tuple(label[:-1]) + (out_rows,)
+    return [out, unlabeled(weights_out)] if isinstance(ctx.out, (list, tuple)) else out
+

@@ -1,0 +1,93 @@
+"""Rules for functions that model zoos hide from fx with ``torch.fx.wrap``.
+
+Each entry names its reason. Registered only when the library that defines the function is
+installed; structprune never requires it.
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from ...surgery.size_attributes import HeadSplit
+from ..context import RuleContext
+from ..activation import unary
+from ..reshape import tie_split
+from ..registry import rule
+
+
+def _optional(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+# stochastic_depth(input, p, mode, training): identity in eval; in training it scales whole samples
+# (mode "row") or the whole batch, never individual channels, so channel labels pass through.
+_stochastic_depth = _optional("torchvision.ops.stochastic_depth", "stochastic_depth")
+if _stochastic_depth is not None:
+    rule(_stochastic_depth)(unary)
+
+
+
+# torchvision Swin: the attention of a window is one wrapped function, the relative position bias
+# table lookup another, and patch merging's strided gather a third.
+_shifted_window_attention = _optional("torchvision.models.swin_transformer", "shifted_window_attention")
+_relative_position_bias = _optional("torchvision.models.swin_transformer", "_get_relative_position_bias")
+_patch_merging_pad = _optional("torchvision.models.swin_transformer", "_patch_merging_pad")
+
+if _shifted_window_attention is not None:
+    @rule(_shifted_window_attention)
+    def shifted_window_attention(ctx: RuleContext, node):
+        """(input, qkv_weight, proj_weight, relative_position_bias, window_size, num_heads, ...).
+
+        ``head_dim = C // num_heads`` is read from the input width C, so input channel i is tied to
+        q/k/v row i (as in ``nn.MultiheadAttention``) and heads are blocks of ``head_dim`` of them.
+        ``num_heads`` is the calling module's attribute, rewritten after pruning."""
+        x, qkv_w, proj_w, bias = (ctx.arg(i) for i in range(4))
+        num_heads = ctx.arg(5, "num_heads")
+        width = ctx.meta(x).shape[-1]
+        module = ctx.calling_module()
+        if not isinstance(num_heads, int) or module is None or getattr(module, "num_heads", None) != num_heads:
+            ctx.freeze_inputs("window attention whose head count is not its module's num_heads")
+            return ctx.unlabeled_output()
+        lx, lq, lp = ctx.tlabel(x), ctx.tlabel(qkv_w), ctx.tlabel(proj_w)
+        lqb, lpb = ctx.tlabel(ctx.arg(9, "qkv_bias")), ctx.tlabel(ctx.arg(10, "proj_bias"))
+        rows = lq[0] if lq and lq[0] is not None else np.full(3 * width, -1, np.int64)
+        if lqb:
+            ctx.unify(rows, lqb[0], 3 * width)
+        pieces = rows.reshape(3, width)
+        for piece in (pieces[1], pieces[2], lq[1] if lq else None, lx[-1] if lx else None, lp[1] if lp else None):
+            ctx.unify(pieces[0], piece, width)
+        heads = tie_split(ctx, pieces[0], [num_heads, width // num_heads], 0)
+        lb = ctx.tlabel(bias)
+        if lb and len(lb) >= 3:
+            ctx.unify(heads, lb[-3], num_heads)
+            ctx.freeze(lb[-2:], "relative positions")
+        logit_scale = ctx.tlabel(ctx.arg(11, "logit_scale"))
+        if logit_scale:
+            ctx.unify(heads, logit_scale[0], num_heads)
+        ctx.state.widths.append((ctx.calling_path(), "num_heads", heads))
+        ctx.state.head_splits.append(HeadSplit(ctx.calling_path(), heads, width // num_heads))
+        out_rows = lp[0] if lp else None
+        if lpb:
+            ctx.unify(out_rows, lpb[0], ctx.out.shape[-1])
+        ctx.state.mark_producer(out_rows)
+        return tuple(lx[:-1]) + (out_rows,)
+
+if _relative_position_bias is not None:
+    @rule(_relative_position_bias)
+    def relative_position_bias(ctx: RuleContext, node):
+        """(table[(2W-1)^2, heads], index, window_size) -> [1, heads, N, N]: the heads axis follows."""
+        table = ctx.tlabel(ctx.arg(0))
+        ctx.freeze(table[0] if table else None, "relative position table rows")
+        return (None, table[1] if len(table) > 1 else None, None, None)
+
+if _patch_merging_pad is not None:
+    @rule(_patch_merging_pad)
+    def patch_merging_pad(ctx: RuleContext, node):
+        """Four strided views of x concatenated on channels: the channel labels repeat four times."""
+        label = ctx.tlabel(ctx.arg(0))
+        last = label[-1] if label else None
+        return (None,) * (ctx.out.ndim - 1) + (None if last is None else np.tile(last, 4),)

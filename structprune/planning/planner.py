@@ -1,0 +1,270 @@
+"""Planning: which units every producing layer drops.
+
+Scores are computed once per group; a plan is then a cheap function of the options, which is what
+lets :func:`search_target` bisect on the ratio to hit a parameter or MAC budget.
+
+- **local** scope: every layer (a producing space inside a group: a conv's filters, a linear's
+  neurons) drops ``floor(ratio * n)`` of its ``n`` prunable units, lowest scores first;
+- **global** scope: the units of all layers are ranked together (scores normalised per group) and
+  the lowest ``ratio`` of them go, at most ``max_group_ratio`` of any one layer;
+- ``ratios={"layer4.*": 0.7}`` fixes the ratio of matching layers (by module name); ``ignore``
+  (names or globs, instances, or types) keeps the matching modules' own channels (a conv's
+  filters, a norm's channels) while they still follow a narrower input; ``round_to=N`` keeps
+  widths that are multiples of N. Every layer and every member tensor keeps at least one channel;
+- ``hidden=False`` keeps every group whose channels a LayerNorm/RMSNorm (or another statistic over
+  channels) normalises: in a transformer that is the residual stream (the hidden size), so only
+  heads and feed-forward widths shrink.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from torch import nn
+
+from ..scoring.criteria import NORMALIZATIONS, Criterion, ScoringContext, normalize
+from ..errors import InvalidRatioError, StructPruneError
+from ..graph.dependency_graph import DependencyGraph, Group
+
+SCOPES = ("local", "global")
+
+
+@dataclass
+class Plan:
+    """Dropped unit indices per group id, and the resulting per-element drop mask."""
+
+    drops: Dict[int, np.ndarray] = field(default_factory=dict)
+
+    def element_mask(self, dg: DependencyGraph) -> np.ndarray:
+        """Boolean per channel element: True where the element is removed."""
+        dropped_root = np.zeros(dg.state.n_elements, bool)
+        for gid, units in self.drops.items():
+            dropped_root[dg.groups[gid].unit_roots[units]] = True
+        return dropped_root[dg.unit_root]
+
+    @property
+    def n_dropped(self) -> int:
+        return int(sum(len(u) for u in self.drops.values()))
+
+
+@dataclass
+class PlanOptions:
+    """How much to remove and where (see the module docstring)."""
+
+    ratio: float = 0.5
+    scope: str = "local"
+    max_group_ratio: float = 1.0
+    round_to: Optional[int] = None
+    ignore: Sequence[Any] = ()
+    ratios: Dict[str, float] = field(default_factory=dict)
+    normalize: Optional[str] = "mean"
+    hidden: bool = True
+    # layer name -> width before any pruning: ``ratio`` then counts from those widths, so a schedule's
+    # cumulative targets are met exactly step after step (see schedules.Pruner)
+    reference_widths: Optional[Dict[str, int]] = None
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, not {self.scope!r}")
+        for name, value in [("max_group_ratio", self.max_group_ratio)] + list(self.ratios.items()):
+            if not 0 <= value <= 1:
+                raise InvalidRatioError(f"{name} must be in [0, 1], got {value}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {self.normalize!r}")
+        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise ValueError(f"round_to must be a positive integer, got {self.round_to!r}")
+
+
+@dataclass
+class _Layer:
+    """The prunable units of one producing space inside a group."""
+
+    group: Group
+    name: str  # the producing module's path, used by `ratios`
+    units: np.ndarray  # candidate unit indices (not frozen, not ignored)
+    width: int  # all units the layer produces, frozen ones included
+    channels_per_unit: int = 1  # a head is head_dim channels of its projection
+
+
+def _reads_inputs(module: Optional[nn.Module], attribute: str, dim: int) -> bool:
+    """Is this the input-channel axis of a contraction? An ignored layer still follows its inputs."""
+    if attribute != "weight":
+        return False
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return dim == (0 if module.transposed else 1)
+    return isinstance(module, nn.Linear) and dim == 1
+
+
+def _matches(module_name: str, module: nn.Module, rule: Any) -> bool:
+    if isinstance(rule, str):
+        return fnmatch.fnmatchcase(module_name, rule) or module_name == rule
+    if isinstance(rule, type):
+        return isinstance(module, rule)
+    return module is rule
+
+
+class Planner:
+    """Scores every prunable group once, then turns :class:`PlanOptions` into :class:`Plan` objects."""
+
+    def __init__(self, dg: DependencyGraph, context: ScoringContext, criterion: Criterion,
+                 ignore: Sequence[Any] = ()):
+        self.dg = dg
+        self.scores: Dict[int, np.ndarray] = {}
+        for group in dg.prunable_groups:
+            scores = np.asarray(_as_numpy(criterion(group, context)), dtype=np.float64).reshape(-1)
+            if scores.shape != (group.n_units,):
+                raise StructPruneError(f"criterion returned {scores.shape[0]} scores for group {group.id}, "
+                                       f"which has {group.n_units} units")
+            self.scores[group.id] = scores
+        self.layers = self._layers(ignore)
+        self.excluded: set = set()  # group ids kept whole whatever the options (see exclude)
+
+    def exclude(self, group_ids) -> None:
+        """Keep these groups whole in every later plan (e.g. a dry run showed they cannot shrink)."""
+        self.excluded.update(group_ids)
+
+    def _layers(self, ignore: Sequence[Any]) -> List[_Layer]:
+        modules = dict(self.dg.model.named_modules())
+        ignore = list(ignore) if isinstance(ignore, (list, tuple, set)) else [ignore]
+        layers = []
+        for group in self.dg.prunable_groups:
+            excluded = group.frozen_units.copy()
+            for space, index in zip(group.spaces, group.unit_index):
+                owner, _, attribute = space.tensor.rpartition(".")
+                module = modules.get(owner)
+                if not _reads_inputs(module, attribute, space.dim) and any(
+                        _matches(owner, module, rule) for rule in ignore):
+                    excluded[index] = True
+            for origin in np.unique(group.unit_origin):
+                in_layer = group.unit_origin == origin
+                units = np.flatnonzero(in_layer & ~excluded)
+                if units.size:
+                    name = group.spaces[origin].tensor.rpartition(".")[0] if origin >= 0 else ""
+                    per_unit = group.spaces[origin].size // max(len(np.unique(group.unit_index[origin])), 1) \
+                        if origin >= 0 else 1
+                    layers.append(_Layer(group, name, units, int(in_layer.sum()), max(per_unit, 1)))
+        return layers
+
+    def plan(self, options: PlanOptions) -> Plan:
+        chosen: Dict[int, List[np.ndarray]] = {}
+        pooled: List[Tuple[_Layer, np.ndarray]] = []
+        for layer in self.layers:
+            if layer.group.id in self.excluded or (not options.hidden and not layer.group.exact):
+                continue
+            fixed = next((r for pattern, r in options.ratios.items() if fnmatch.fnmatchcase(layer.name, pattern)), None)
+            if options.scope == "local" or fixed is not None:
+                ratio = options.ratio if fixed is None else fixed
+                reference = (options.reference_widths or {}).get(layer.name)
+                if reference:  # keep what the ratio leaves of the original width
+                    n_drop = layer.width - (reference - math.floor(ratio * reference + 1e-9))
+                    n_drop = min(max(n_drop, 0), len(layer.units), layer.width - 1)
+                else:
+                    n_drop = min(math.floor(ratio * len(layer.units) + 1e-9), layer.width - 1)
+                drop = self._lowest(layer, n_drop)
+                chosen.setdefault(layer.group.id, []).append(self._rounded(layer, drop, options.round_to))
+            else:
+                pooled.append((layer, normalize(self.scores[layer.group.id], options.normalize)))
+        if pooled:
+            for (layer, _), drop in zip(pooled, self._global(pooled, options)):
+                chosen.setdefault(layer.group.id, []).append(self._rounded(layer, drop, options.round_to))
+        plan = Plan()
+        for gid, parts in chosen.items():
+            group, scores = self.dg.groups[gid], self.scores[gid]
+            drop = np.unique(np.concatenate(parts)).astype(np.int64)
+            if len(drop) >= group.n_units:
+                drop = drop[np.argsort(scores[drop], kind="stable")[:group.n_units - 1]]
+            drop = _keep_every_space_alive(group, drop, scores)
+            if drop.size:
+                plan.drops[gid] = drop
+        return plan
+
+    def _lowest(self, layer: _Layer, n: int) -> np.ndarray:
+        scores = self.scores[layer.group.id][layer.units]
+        return layer.units[np.argsort(scores, kind="stable")[:max(n, 0)]]
+
+    def _global(self, pooled: List[Tuple[_Layer, np.ndarray]], options: PlanOptions) -> List[np.ndarray]:
+        """Rank every pooled unit by its group-normalised score; drop the lowest, within each layer's cap."""
+        owners = np.concatenate([np.full(len(layer.units), k) for k, (layer, _) in enumerate(pooled)])
+        units = np.concatenate([layer.units for layer, _ in pooled])
+        scores = np.concatenate([normalized[layer.units] for layer, normalized in pooled])
+        caps = np.array([min(math.floor(options.max_group_ratio * len(layer.units) + 1e-9), layer.width - 1)
+                         for layer, _ in pooled])
+        # ties (e.g. freshly initialised BN scales, all 1) are shared out in proportion to layer size
+        relative_rank = np.concatenate([np.argsort(np.argsort(normalized[layer.units], kind="stable")) / len(layer.units)
+                                        for layer, normalized in pooled])
+        quota = math.floor(options.ratio * len(units) + 1e-9)
+        if options.reference_widths:  # a fraction of the original total, minus what earlier steps took
+            original = sum(options.reference_widths.get(layer.name, layer.width) for layer, _ in pooled)
+            already = original - sum(layer.width for layer, _ in pooled)
+            quota = max(0, math.floor(options.ratio * original + 1e-9) - already)
+        taken = np.zeros(len(pooled), np.int64)
+        picked = []
+        for i in np.lexsort((relative_rank, scores)):
+            if len(picked) >= quota:
+                break
+            k = owners[i]
+            if taken[k] < caps[k]:
+                taken[k] += 1
+                picked.append(i)
+        picked = np.asarray(picked, dtype=np.int64)
+        return [units[picked[owners[picked] == k]] for k in range(len(pooled))]
+
+    def _rounded(self, layer: _Layer, drop: np.ndarray, round_to: Optional[int]) -> np.ndarray:
+        """Adjust ``drop`` so the layer keeps a multiple of ``round_to`` *channels* (nearest, at least one
+        multiple): units that span several channels (attention heads) need fewer units per step."""
+        step = round_to // math.gcd(round_to, layer.channels_per_unit) if round_to else 0  # heads of 64 need none
+        if not step or step == 1 or layer.width <= step:
+            return drop
+        keep = layer.width - len(drop)
+        target = max(step, int(round(keep / step)) * step)
+        n_drop = min(max(layer.width - target, 0), len(layer.units), layer.width - 1)
+        return self._lowest(layer, n_drop) if n_drop != len(drop) else drop
+
+
+def _keep_every_space_alive(group: Group, drop: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Un-drop the best unit of any member space that would otherwise lose every channel."""
+    dropped = np.zeros(group.n_units, bool)
+    dropped[drop] = True
+    for index in group.unit_index:
+        if dropped[index].all():
+            present = np.unique(index)
+            dropped[present[np.argmax(scores[present])]] = False
+    return np.flatnonzero(dropped)
+
+
+def _as_numpy(scores: Any) -> np.ndarray:
+    if hasattr(scores, "detach"):
+        return scores.detach().cpu().double().numpy()
+    return np.asarray(scores)
+
+
+def search_target(planner: Planner, options: PlanOptions, removed_fraction: Callable[[Plan], float],
+                  target: float, tolerance: float = 0.005, steps: int = 24) -> Tuple[Plan, float]:
+    """Bisect on ``options.ratio`` until ``removed_fraction(plan)`` is within ``tolerance`` of ``target``.
+
+    Returns the plan and the fraction it removes; raises when even the largest ratio falls short.
+    """
+    low, high = 0.0, 1.0
+    best: Tuple[float, Plan, float] = (math.inf, Plan(), 0.0)
+    for _ in range(steps):
+        ratio = (low + high) / 2
+        plan = planner.plan(_with_ratio(options, ratio))
+        achieved = removed_fraction(plan)
+        if abs(achieved - target) < best[0]:
+            best = (abs(achieved - target), plan, achieved)
+        if abs(achieved - target) <= tolerance:
+            break
+        low, high = (ratio, high) if achieved < target else (low, ratio)
+    if best[0] > 0.01:
+        most = removed_fraction(planner.plan(_with_ratio(options, 1.0)))
+        raise StructPruneError(f"cannot reach the target: removing {target:.1%} was asked, the closest plan "
+                               f"removes {best[2]:.1%} (at most {most:.1%} is removable with these settings)")
+    return best[1], best[2]
+
+
+def _with_ratio(options: PlanOptions, ratio: float) -> PlanOptions:
+    return dataclasses.replace(options, ratio=ratio)

@@ -1,0 +1,207 @@
+"""Physical shrinking: slice parameters and buffers, then fix module metadata.
+
+Generic part: every channel space whose elements are partly dropped is ``index_select``-ed on its
+dim (parameters stay ``nn.Parameter`` with their ``requires_grad``). Per-class *updaters* then
+re-derive metadata (``out_channels``, ``groups``, ``num_features``...) from the new shapes.
+Register an updater for a new layer type with :func:`updater`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .size_attributes import refresh_size_attributes
+from .copying import deep_copy_module
+from ..graph.dependency_graph import DependencyGraph
+
+Updater = Callable[[nn.Module, Dict[str, tuple]], None]
+_UPDATERS: Dict[object, Updater] = {}
+
+
+def updater(*classes):
+    """Register ``fn(module, old_shapes)`` to refresh metadata of ``classes`` after slicing. A class
+    may be given as its ``"module.QualName"`` string, so a library need not be imported to register."""
+
+    def register(fn: Updater) -> Updater:
+        for cls in classes:
+            _UPDATERS[cls] = fn
+        return fn
+
+    return register
+
+
+def _find_updater(module: nn.Module):
+    for base in type(module).__mro__:
+        fn = _UPDATERS.get(base) or _UPDATERS.get(f"{base.__module__}.{base.__qualname__}")
+        if fn is not None:
+            return fn
+    return None
+
+
+@updater(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _conv(m, old):
+    w = m.weight
+    if m.groups > 1 and not m.transposed and old["weight"][1] == 1:
+        # depthwise: whole groups were removed, groups shrink with the output channels
+        m.groups = m.groups * w.shape[0] // old["weight"][0]
+    if m.transposed:
+        m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+    else:
+        m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+
+
+@updater(nn.Linear)
+def _linear(m, old):
+    m.out_features, m.in_features = m.weight.shape
+
+
+@updater(nn.modules.batchnorm._NormBase)
+def _norm(m, old):
+    t = m.weight if m.weight is not None else m.running_mean
+    if t is not None:
+        m.num_features = t.shape[0]
+
+
+@updater(nn.LayerNorm)
+def _layer_norm(m, old):
+    if m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+@updater(nn.GroupNorm)
+def _group_norm(m, old):
+    per_group = old["weight"][0] // m.num_groups
+    m.num_channels = m.weight.shape[0]
+    m.num_groups = m.num_channels // per_group
+
+
+@updater(nn.MultiheadAttention)
+def _multihead_attention(m, old):
+    head_dim = m.embed_dim // m.num_heads
+    rows = (m.in_proj_weight.shape[0] // 3) if m.in_proj_weight is not None else m.q_proj_weight.shape[0]
+    m.embed_dim = m.kdim = m.vdim = rows
+    m.num_heads = rows // head_dim
+    m.head_dim = head_dim
+
+
+@updater("transformers.pytorch_utils.Conv1D")
+def _hf_conv1d(m, old):
+    """Hugging Face's Conv1D (GPT-2) stores its weight as (in, out) and reshapes with ``self.nf``."""
+    m.nx, m.nf = m.weight.shape
+
+
+@updater(nn.PReLU)
+def _prelu(m, old):
+    m.num_parameters = m.weight.numel()
+
+
+@updater(nn.Embedding)
+def _embedding(m, old):
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
+def sliced_tensors(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> Dict[int, torch.Tensor]:
+    """New, smaller tensors for every parameter/buffer of ``model`` that loses channels, keyed by
+    ``id`` of the tensor they replace. Parameters stay ``nn.Parameter`` with their ``requires_grad``."""
+    cuts: Dict[str, List[Tuple[int, np.ndarray]]] = {}
+    for space in dg.state.spaces:
+        gone = space.of(dropped)
+        if gone.any():
+            cuts.setdefault(space.tensor, []).append((space.dim, np.flatnonzero(~gone)))
+    replacements: Dict[int, torch.Tensor] = {}
+    for name, dims in cuts.items():
+        path, _, attr = name.rpartition(".")
+        old = getattr(model.get_submodule(path) if path else model, attr)
+        new = old.detach()
+        for dim, keep in dims:
+            new = new.index_select(dim, torch.as_tensor(keep, device=new.device))
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        replacements[id(old)] = new
+    return replacements
+
+
+def _slots(model: nn.Module):
+    """Every (module, slot dict, slot name, tensor) holding a parameter or buffer."""
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            slots = getattr(module, kind)
+            for name, t in list(slots.items()):
+                if t is not None:
+                    yield module, slots, name, t
+
+
+def _refresh_metadata(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray,
+                      touched: Dict[nn.Module, Dict[str, tuple]], notes: Optional[List[str]]) -> None:
+    for module, old_shapes in touched.items():
+        update = _find_updater(module)
+        if update is not None:
+            update(module, old_shapes)
+    # head splits compare attributes with their original values: rewrite those before anything else
+    for note in refresh_size_attributes(model, dg.state.head_splits, dropped, touched):
+        if notes is not None and note not in notes:
+            notes.append(note)
+    for path, attribute, elements in dg.state.widths:  # widths no tensor records
+        kept = int((~dropped[elements[elements >= 0]]).sum() + (elements < 0).sum())
+        setattr(model.get_submodule(path), attribute, kept)
+
+
+def shrink(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray,
+           notes: Optional[List[str]] = None) -> List[nn.Module]:
+    """Remove every dropped element from ``model`` in place; return the modules it touched.
+    Anything worth telling (a config field left alone) is appended to ``notes``."""
+    replacements = sliced_tensors(model, dg, dropped)
+    touched: Dict[nn.Module, Dict[str, tuple]] = {}
+    for module, slots, name, t in _slots(model):
+        if id(t) in replacements:
+            slots[name] = replacements[id(t)]
+            touched.setdefault(module, {})[name] = tuple(t.shape)
+    _refresh_metadata(model, dg, dropped, touched, notes)
+    return list(touched)
+
+
+def shrunk_copy(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray,
+                notes: Optional[List[str]] = None) -> nn.Module:
+    """A deep copy of ``model`` without the dropped elements.
+
+    The sliced tensors are handed to the copy as already copied, so the large original tensors are
+    never duplicated only to be thrown away.
+    """
+    replacements = sliced_tensors(model, dg, dropped)
+    old_shape = {id(replacements[id(t)]): tuple(t.shape) for _, _, _, t in _slots(model) if id(t) in replacements}
+    twin = deep_copy_module(model, memo=dict(replacements))
+    touched: Dict[nn.Module, Dict[str, tuple]] = {}
+    for module, _, name, t in _slots(twin):
+        if id(t) in old_shape:
+            touched.setdefault(module, {})[name] = old_shape[id(t)]
+    _refresh_metadata(twin, dg, dropped, touched, notes)
+    return twin
+
+
+@contextlib.contextmanager
+def rollback(model: nn.Module):
+    """Restore every parameter, buffer and plain attribute of every module if the block raises."""
+    saved = [(m, dict(m._parameters), dict(m._buffers),
+              {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in model.modules()]
+    configs = {id(c): (c, dict(vars(c))) for m in model.modules() for c in [getattr(m, "config", None)]
+               if c is not None and not isinstance(c, nn.Module) and hasattr(c, "__dict__")}
+    try:
+        yield
+    except BaseException:
+        for config, fields in configs.values():  # configs are rewritten in place
+            vars(config).clear()
+            vars(config).update(fields)
+        for m, params, buffers, attrs in saved:
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
+                delattr(m, k)
+            for k, v in attrs.items():
+                setattr(m, k, v)
+        raise

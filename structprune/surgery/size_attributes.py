@@ -1,0 +1,204 @@
+"""Size attributes: the integers a model keeps next to its tensors (``num_heads``, ``head_dim``,
+``config.intermediate_size``...).
+
+Model code reads them to reshape activations (``x.view(B, N, self.num_heads, self.head_dim)``), and
+Hugging Face code reads its ``config`` to build caches and to save and reload. After pruning they
+must describe the smaller tensors. Which integer means what is told by its *name*: the table below
+maps names to *roles*, and :func:`register_size_attribute` adds names for other codebases.
+
+Two sources of truth refresh them:
+
+* **head splits** seen in the graph: the module whose forward splits a projection into
+  (heads, head_dim) gets its head-count, head-dim and attention-width attributes rewritten;
+* **parameter shapes**: config fields for the feed-forward width follow the linear layers whose
+  output width they name; the hidden width follows the input embedding.
+
+A config shared by every layer is only rewritten when all layers agree on the new value; otherwise it
+is left alone and a note says so (the pruned model still runs: Hugging Face layers read their shapes
+from their tensors and attributes, not from the config, at run time).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..graph.labels import AxisLabel
+
+SIZE_ATTRIBUTES: Dict[str, set] = {
+    "heads": {"num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "num_kv_heads",
+              "n_kv_heads", "multi_query_group_num", "nheads"},
+    "head_dim": {"head_dim", "attention_head_size", "head_size", "d_head", "dim_head", "d_kv"},
+    "attention_width": {"all_head_size", "split_size", "attn_dim", "inner_dim", "inner_size"},
+    "ffn": {"intermediate_size", "n_inner", "ffn_dim", "d_ff", "dim_feedforward", "mlp_dim", "hidden_dim",
+            "encoder_ffn_dim", "decoder_ffn_dim"},
+    "hidden": {"hidden_size", "n_embd", "d_model", "dim", "embed_dim", "word_embed_proj_dim", "hidden_dim"},
+}
+
+
+def register_size_attribute(role: str, name: str) -> None:
+    """Teach structprune that attribute ``name`` holds a size of kind ``role`` (one of ``SIZE_ATTRIBUTES``)."""
+    if role not in SIZE_ATTRIBUTES:
+        raise ValueError(f"role must be one of {sorted(SIZE_ATTRIBUTES)}, not {role!r}")
+    SIZE_ATTRIBUTES[role].add(name)
+
+
+def role_of(name: str) -> Optional[str]:
+    """The first role naming ``name`` (``hidden_dim`` is a feed-forward width in Hugging Face configs)."""
+    for role, names in SIZE_ATTRIBUTES.items():
+        if name in names:
+            return role
+    return None
+
+
+def size_attributes(module: nn.Module, value: int, roles: Iterable[str]) -> List[str]:
+    """Names (``"num_heads"``, ``"config.num_attention_heads"``) of the ``roles`` attributes of
+    ``module`` and of its ``config`` whose current value is ``value``."""
+    roles = set(roles)
+    found = []
+    for prefix, owner in (("", module), ("config.", getattr(module, "config", None))):
+        if owner is None or (prefix and isinstance(owner, nn.Module)):
+            continue
+        for name, v in _int_attributes(owner):
+            if v == value and any(name in SIZE_ATTRIBUTES[role] for role in roles):
+                found.append(prefix + name)
+    return found
+
+
+def _int_attributes(owner: Any):
+    items = vars(owner).items() if hasattr(owner, "__dict__") else ()
+    for name, v in items:
+        if isinstance(v, int) and not isinstance(v, bool) and not name.startswith("_"):
+            yield name, v
+
+
+@dataclass
+class HeadSplit:
+    """A projection split into heads inside the forward of module ``path``.
+
+    ``heads``/``dims`` are the element labels of the head and head-dim axes when that axis is the one
+    pruning shortens (an int: its size never changes)."""
+
+    path: str
+    heads: Union[AxisLabel, int]
+    dims: Union[AxisLabel, int]
+
+
+def _kept(axis: Union[AxisLabel, int], dropped: np.ndarray) -> int:
+    if isinstance(axis, (int, np.integer)):
+        return int(axis)
+    return int((~dropped[axis[axis >= 0]]).sum() + (axis < 0).sum())
+
+
+def _size(axis: Union[AxisLabel, int]) -> int:
+    return int(axis) if isinstance(axis, (int, np.integer)) else len(axis)
+
+
+def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropped: np.ndarray,
+                            old_shapes: Dict[nn.Module, Dict[str, tuple]]) -> List[str]:
+    """Rewrite the size attributes of ``model`` (already shrunk) and of its configs; return notes."""
+    facts: Dict[str, List[Tuple[int, int]]] = {role: [] for role in SIZE_ATTRIBUTES}  # role -> (old, new)
+    updates: Dict[Tuple[str, str], set] = {}
+    for split in splits:
+        module = model.get_submodule(split.path)
+        heads = (_size(split.heads), _kept(split.heads, dropped))
+        dims = (_size(split.dims), _kept(split.dims, dropped))
+        width = (heads[0] * dims[0], heads[1] * dims[1])
+        for role, (old, new) in (("heads", heads), ("head_dim", dims), ("attention_width", width)):
+            facts[role].append((old, new))
+            for name, value in _int_attributes(module):
+                if value == old and role_of(name) == role:
+                    updates.setdefault((split.path, name), set()).add(new)
+    notes = []
+    for (path, name), values in updates.items():
+        if len(values) == 1:  # splits that disagree (q and v heads of different widths) leave it alone
+            setattr(model.get_submodule(path), name, values.pop())
+    for module, shapes in old_shapes.items():
+        for name, old in shapes.items():
+            new = getattr(module, name).shape
+            if isinstance(module, nn.Embedding) and name == "weight":
+                facts["hidden"].append((old[1], new[1]))
+            elif len(old) == 2:
+                out = 1 if type(module).__name__ == "Conv1D" else 0  # GPT-2's Conv1D stores W transposed
+                if old[out] != new[out]:
+                    facts["ffn"].append((old[out], new[out]))
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    if isinstance(embeddings, nn.Embedding) and embeddings in old_shapes:
+        facts["hidden"] = [(old_shapes[embeddings]["weight"][1], embeddings.weight.shape[1])]
+    return notes + _refresh_configs(model, facts) + reload_note(model)
+
+
+def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]]) -> List[str]:
+    notes = []
+    head_dims = {new for _, new in facts["head_dim"]}
+    configs = {id(c): c for m in model.modules() for c in [getattr(m, "config", None)]
+               if c is not None and not isinstance(c, nn.Module) and hasattr(c, "__dict__")}
+    for config in configs.values():
+        derived_head_dim = _head_dim(config)
+        for name, value in list(_int_attributes(config)):
+            role = role_of(name)
+            if role is None or role == "attention_width":
+                continue
+            new = {n for old, n in facts[role] if old == value}
+            if len(new) == 1:
+                setattr(config, name, new.pop())
+            elif len(new) > 1:
+                notes.append(f"config.{name} was {value}; layers now differ ({sorted(new)}), so it was left as is "
+                             f"and describes the original model")
+        _pin_head_dim(config, head_dims or ({derived_head_dim} if derived_head_dim else set()))
+    return notes
+
+
+def _head_dim(config: Any) -> Optional[int]:
+    """The head size a Hugging Face attention layer derives from ``config``."""
+    explicit = getattr(config, "head_dim", None)
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if isinstance(explicit, int):
+        return explicit
+    if isinstance(heads, int) and isinstance(hidden, int) and heads > 0:
+        return hidden // heads
+    return None
+
+
+def reload_note(model: nn.Module) -> List[str]:
+    """Can ``from_pretrained`` rebuild the pruned model from its refreshed config? Build the class from
+    the config on the meta device (no memory) and compare shapes. Some configs cannot say it (BERT and
+    GPT-2 derive the head size from ``hidden_size / num_attention_heads``), some refuse it (LLaMA insists
+    that ``hidden_size`` be a multiple of the head count); the pruned model runs either way."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "from_pretrained") or isinstance(config, nn.Module):
+        return []
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        validate = getattr(config, "validate", None)  # what from_pretrained runs on a loaded config
+        if callable(validate):
+            validate()
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rebuilt = type(model)(copy.deepcopy(config))
+    except Exception as error:  # the library's own validation error types vary
+        reason = str(getattr(error, "__cause__", None) or error).strip().splitlines()[-1]
+        return [f"from_pretrained will refuse the pruned config ({reason}); the model runs: keep it with "
+                f"save_pretrained's weights plus this model object, or pick ratios the config can express"]
+    differ = [k for k, v in rebuilt.state_dict().items() if k in shapes and tuple(v.shape) != shapes[k]]
+    if differ:
+        return [f"{type(config).__name__} cannot describe the pruned shapes (e.g. {differ[0]}: the config rebuilds "
+                f"{tuple(rebuilt.state_dict()[differ[0]].shape)}, the model has {shapes[differ[0]]}); the model runs, "
+                f"but from_pretrained would rebuild the original layout"]
+    return []
+
+
+def _pin_head_dim(config: Any, head_dims: set) -> None:
+    """Hugging Face attention derives ``head_dim = hidden_size // num_attention_heads`` unless the
+    config says otherwise; once heads and hidden width are pruned apart that no longer holds."""
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if len(head_dims) != 1 or not isinstance(heads, int) or not isinstance(hidden, int) or heads <= 0:
+        return
+    head_dim = next(iter(head_dims))
+    if getattr(config, "head_dim", None) is None and hidden // heads != head_dim:
+        config.head_dim = head_dim

@@ -1,0 +1,1 @@
+"""Around the engine: saving and loading, before/after reports, metrics, progress bars."""
