@@ -6,10 +6,17 @@ held-out sequences (the last 512 test sequences; accuracy is then measured on th
 
     python benchmarks/criteria_calibration.py
 """
-import sys, copy, torch, numpy as np
+import copy
+import sys
+
+import numpy as np
+import torch
+
 sys.path.insert(0, "benchmarks")
 import criteria as C
+
 import structprune as sp
+
 torch.set_num_threads(1)
 data = C.load_data()
 out = {}

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from minilm_sentences import CALIBRATION, HELD_OUT
 
 import structprune as sp
-from minilm_sentences import CALIBRATION, HELD_OUT
 
 HEADS, FFN = 0.25, 0.5
 DOC_MODULES = ("argparse", "asyncio", "collections", "concurrent.futures", "csv", "datetime", "decimal", "difflib",

@@ -37,8 +37,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE]
 
-import structprune as sp  # noqa: E402
 from criteria import BATCH, Net, accuracy, count_params, load_data  # noqa: E402  (same data and network)
+
+import structprune as sp  # noqa: E402
 
 RATIO = 0.7
 STEPS = 5

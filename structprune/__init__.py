@@ -2,34 +2,58 @@
 
 >>> import structprune as sp
 >>> small = sp.slim(model, example_input, ratio=0.5)
+
+The public API, by the question each part answers: what is coupled (:class:`DependencyGraph`),
+how to extend what is understood (:func:`rule`, :func:`updater`, :func:`register_size_attribute`),
+how important (:func:`register_criterion`, :func:`list_criteria`), how much and where (the options),
+when (:class:`Pruner`, :class:`SoftPruner`, :class:`LotteryTicket`, :func:`regularizer`), at which
+granularity (:func:`sparsify` and the masks), and around the engine (save/load, reports, metrics).
 """
-from .slim import SlimReport, slim, slim_with_report
-from .surgery.size_attributes import register_size_attribute
-from .scoring.criteria import ScoringContext, get_criterion, register_criterion
-from .errors import (ExampleInputError, InvalidModelError, InvalidRatioError, StructPruneError, TraceError,
-                     VerificationError)
+from .errors import (
+                     ExampleInputError,
+                     InvalidModelError,
+                     InvalidOptionError,
+                     InvalidRatioError,
+                     LoadError,
+                     StructPruneError,
+                     TraceError,
+                     VerificationError,
+)
 from .graph.dependency_graph import DependencyGraph, Group
-from .tools.io import LoadError, load, save
-from .masks.sparsify import apply_masks, remove_masks, sparsify, sparsity_report, to_semi_structured
+from .masks import (
+                     Granularity,
+                     Mask,
+                     SparsityReport,
+                     apply_masks,
+                     list_granularities,
+                     register_granularity,
+                     remove_masks,
+                     sparsify,
+                     sparsity_report,
+                     to_semi_structured,
+)
+from .ops import OpSpec, RuleContext, list_ops, rule, updater
+from .ops.size_names import register_size_attribute
+from .options import Options, PlanOptions, PruneOptions, ScoreOptions, TraceOptions
+from .pipeline import PruningSession
+from .planning.planner import Plan, Planner
+from .scoring import Criterion, ScoringContext, get_criterion, list_criteria, register_criterion
+from .slim import SlimReport, slim, slim_with_report
+from .tools.io import load, save
 from .tools.metrics import count_macs, count_parameters, latency_ms
-from .planning.planner import Plan, PlanOptions, Planner
-from .workflows.regularizers import regularizer
 from .tools.report import Report, report
-from .ops import rule
-from .workflows.schedules import Iterative, OneShot, Pruner, Step
-from .surgery.shrink import updater
-from .workflows.soft import LotteryTicket, SoftPruner
 from .verify import VerificationResult
+from .workflows import Iterative, LotteryTicket, OneShot, Pruner, SoftPruner, Step, regularizer
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DependencyGraph", "ExampleInputError", "Group", "InvalidModelError", "InvalidRatioError", "Plan",
-    "SlimReport", "StructPruneError", "TraceError", "VerificationError", "VerificationResult", "count_macs",
-    "count_parameters", "get_criterion", "latency_ms", "PlanOptions", "Planner", "register_criterion",
-    "register_size_attribute", "rule",
-    "ScoringContext", "slim",
-    "slim_with_report", "updater", "Iterative", "OneShot", "Pruner", "Step", "SoftPruner", "LotteryTicket",
-    "regularizer", "sparsify", "sparsity_report", "remove_masks", "apply_masks", "to_semi_structured", "save", "load",
-    "LoadError", "Report", "report",
+__all__ = [  # sorted
+    "Criterion", "DependencyGraph", "ExampleInputError", "Granularity", "Group", "InvalidModelError",
+    "InvalidOptionError", "InvalidRatioError", "Iterative", "LoadError", "LotteryTicket", "Mask", "OneShot", "OpSpec",
+    "Options", "Plan", "PlanOptions", "Planner", "PruneOptions", "Pruner", "PruningSession", "Report", "RuleContext",
+    "ScoreOptions", "ScoringContext", "SlimReport", "SoftPruner", "SparsityReport", "Step", "StructPruneError",
+    "TraceError", "TraceOptions", "VerificationError", "VerificationResult", "apply_masks", "count_macs",
+    "count_parameters", "get_criterion", "latency_ms", "list_criteria", "list_granularities", "list_ops", "load",
+    "register_criterion", "register_granularity", "register_size_attribute", "regularizer", "remove_masks", "report",
+    "rule", "save", "slim", "slim_with_report", "sparsify", "sparsity_report", "to_semi_structured", "updater",
 ]

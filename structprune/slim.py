@@ -1,24 +1,21 @@
-"""``slim()``: trace -> group -> score -> plan -> shrink -> verify, in one call."""
+"""``slim()``: trace -> group -> score -> plan -> shrink -> verify, in one call.
+
+Thin front ends over :class:`~structprune.pipeline.PruningSession`; the options are the typed sections
+of :class:`~structprune.options.Options`, given as flat keywords.
+"""
 from __future__ import annotations
 
-import contextlib
-import math
-import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
 from torch import nn
 
-from .scoring.criteria import Criterion, ScoringContext, get_criterion
-from .errors import InvalidModelError, InvalidRatioError, StructPruneError, VerificationError
 from .graph.dependency_graph import DependencyGraph
+from .options import Options
+from .pipeline import PruningSession, require_module
+from .planning.planner import Plan
 from .tools.metrics import count_parameters
-from .planning.planner import Plan, PlanOptions, Planner, search_target
-from .planning.dry_run import groups_that_break
-from .surgery.shrink import rollback, shrink, shrunk_copy
-from .planning.budgets import TARGETS, removed_fraction
-from .verify import VerificationResult, is_exact, verify as verify_pruned, zeroed_reference
+from .verify import VerificationResult
 
 
 @dataclass
@@ -55,82 +52,23 @@ class SlimReport:
         return "\n".join(lines)
 
 
-def _check_ratio(ratio: Any) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not math.isfinite(float(ratio)):
-        raise InvalidRatioError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    if not 0 <= float(ratio) < 1:
-        raise InvalidRatioError(f"ratio must be in [0, 1) (the fraction of channels removed from every group), "
-                                f"got {ratio}; use e.g. 0.5 to remove half")
-    return float(ratio)
-
-
-def slim_with_report(model: nn.Module, example_input: Any, ratio: Optional[float] = 0.5, *,
-                     criterion: Union[str, Criterion] = "l2", scope: str = "local",
-                     target: Optional[Dict[str, float]] = None, max_group_ratio: float = 1.0,
-                     round_to: Optional[int] = None, ignore: Sequence[Any] = (),
-                     ratios: Optional[Dict[str, float]] = None, data: Optional[Iterable] = None,
-                     loss_fn: Optional[Callable] = None, reduction: str = "mean",
-                     normalize: Optional[str] = "mean", seed: Optional[int] = None, verify: bool = True,
-                     inplace: bool = False, tracer: str = "auto", attention: str = "heads",
-                     hidden: bool = True, reference_widths: Optional[Dict[str, int]] = None
-                     ) -> Tuple[nn.Module, SlimReport]:
+def slim_with_report(model: nn.Module, example_input: Any, ratio: float = 0.5,
+                     **options: Any) -> Tuple[nn.Module, SlimReport]:
     """Like :func:`slim`, also returning a :class:`SlimReport`.
 
     ``reference_widths`` (layer name -> width before any pruning, see :attr:`SlimReport.widths`) makes
     ``ratio`` count from those widths: what :class:`structprune.Pruner` uses between steps."""
-    if not isinstance(model, nn.Module):
-        raise InvalidModelError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    budget = _check_target(target)
-    ratio = _check_ratio(0.5 if budget else ratio)  # with a target the ratio is searched for
-    options = PlanOptions(ratio, scope, max_group_ratio, round_to, ignore, dict(ratios or {}), normalize, hidden,
-                          reference_widths)
-    score = get_criterion(criterion)
-    dg = DependencyGraph(model, example_input, tracer=tracer, attention=attention)
-    _check_materialised(model, criterion, verify)
-    context = ScoringContext(model, dg, data=data, loss_fn=loss_fn, reduction=reduction, seed=seed)
-    planner = Planner(dg, context, score, ignore)
-
-    def make_plan() -> Plan:
-        if budget:
-            kind, fraction = budget
-            return search_target(planner, options, removed_fraction(kind, dg, model), fraction)[0]
-        return planner.plan(options)
-
-    plan = make_plan()
-    # a dry run on the meta device, then re-plan around what breaks; always under torch.export, whose
-    # literals may hide widths read from tensors
-    for _ in range(3 if verify or dg.trace.tracer == "export" else 0):
-        broken = groups_that_break(model, dg, plan.drops, lambda drops: Plan(dict(drops)).element_mask(dg))
-        if not broken:
-            break
-        planner.exclude(broken)
-        dg.notes.extend(f"group {gid} ({dg.groups[gid].spaces[0]}) was kept whole: pruning it breaks the forward "
-                        f"({error}); a width the graph does not show (such as C // num_heads under torch.export) "
-                        f"depends on it" for gid, error in broken.items())
-        plan = make_plan()
-    dropped = plan.element_mask(dg)
+    require_module(model)  # first: a wrong model explains any other error
+    session = PruningSession(model, example_input, Options.from_kwargs(ratio=ratio, caller="slim", **options))
+    plan = session.plan()
     params_before = count_parameters(model)
-    exact_part = _verify_exact_part(dg, model, plan, dropped) if verify else None
-    reference = zeroed_reference(dg, dropped) if verify else None
-    with rollback(model) if inplace else contextlib.nullcontext():
-        if inplace:
-            shrink(model, dg, dropped, dg.notes)
-        pruned = model if inplace else shrunk_copy(model, dg, dropped, dg.notes)
-        result = _checked(dg, plan, pruned, dropped, reference, exact_part) if verify else None
-    report = SlimReport(dg, plan, params_before, count_parameters(pruned), result,
-                        {gid: (dg.groups[gid].n_units, dg.groups[gid].n_units - len(units))
-                         for gid, units in plan.drops.items()},
-                        {layer.name: layer.width for layer in planner.layers})
+    pruned, verdict = session.apply(plan)
+    report = SlimReport(session.graph, plan, params_before, count_parameters(pruned), verdict,
+                        session.pruned_groups(plan), {layer.name: layer.width for layer in session.planner().layers})
     return pruned, report
 
 
-def slim(model: nn.Module, example_input: Any, ratio: Optional[float] = 0.5, *,
-         criterion: Union[str, Criterion] = "l2", scope: str = "local", target: Optional[Dict[str, float]] = None,
-         max_group_ratio: float = 1.0, round_to: Optional[int] = None, ignore: Sequence[Any] = (),
-         ratios: Optional[Dict[str, float]] = None, data: Optional[Iterable] = None,
-         loss_fn: Optional[Callable] = None, reduction: str = "mean", normalize: Optional[str] = "mean",
-         seed: Optional[int] = None, verify: bool = True, inplace: bool = False, tracer: str = "auto",
-         attention: str = "heads", hidden: bool = True) -> nn.Module:
+def slim(model: nn.Module, example_input: Any, ratio: float = 0.5, **options: Any) -> nn.Module:
     """Return a structurally pruned copy of ``model``.
 
     Args:
@@ -140,7 +78,8 @@ def slim(model: nn.Module, example_input: Any, ratio: Optional[float] = 0.5, *,
             from the whole model, least important first (``scope="global"``). At least one channel
             of every layer is kept.
 
-    Keyword options:
+    Keyword options (the fields of :class:`~structprune.options.Options`; an unknown one raises
+    :class:`~structprune.errors.InvalidOptionError` naming the closest valid one):
         criterion: ``"l2"`` (default), ``"l1"``, ``"magnitude"``, ``"gradient"``, ``"taylor"``,
             ``"fpgm"``, ``"bn_scale"``, ``"random"``, or a function ``(group, context) -> scores``.
         data, loss_fn: calibration batches and ``loss_fn(model, batch)`` for gradient criteria
@@ -170,63 +109,4 @@ def slim(model: nn.Module, example_input: Any, ratio: Optional[float] = 0.5, *,
     Returns:
         The pruned model: same classes, attribute names and ``state_dict`` keys, smaller tensors.
     """
-    return slim_with_report(model, example_input, ratio, criterion=criterion, scope=scope, target=target,
-                            max_group_ratio=max_group_ratio, round_to=round_to, ignore=ignore, ratios=ratios,
-                            data=data, loss_fn=loss_fn, reduction=reduction, normalize=normalize, seed=seed,
-                            verify=verify, inplace=inplace, tracer=tracer, attention=attention,
-                            hidden=hidden)[0]
-
-
-def _check_target(target: Optional[Dict[str, float]]) -> Optional[Tuple[str, float]]:
-    if target is None:
-        return None
-    if not isinstance(target, dict) or len(target) != 1:
-        raise ValueError(f"target must be a dict with one entry, {{'params': f}} or {{'macs': f}}, got {target!r}")
-    (kind, fraction), = target.items()
-    if kind not in TARGETS:
-        raise ValueError(f"target must name one of {TARGETS}, not {kind!r}")
-    return kind, _check_ratio(fraction)
-
-
-def _verify_exact_part(dg: DependencyGraph, model: nn.Module, plan: Plan,
-                       dropped: np.ndarray) -> Optional[VerificationResult]:
-    """When some pruned channels meet channel-mixing ops (LayerNorm, softmax), the full result can
-    only be checked for shapes and finiteness. Prune the other channels alone on a copy and check
-    those value for value, so a mistake outside the mixing ops cannot hide behind them."""
-    if is_exact(dg, dropped):
-        return None
-    subset = dropped & dg.exact_elements
-    if not subset.any():
-        return None
-    result = verify_pruned(dg, shrunk_copy(model, dg, subset), subset, zeroed_reference(dg, subset), exact=True)
-    if not result.passed:
-        raise VerificationError(_explain_failure(dg, plan, result))
-    return result
-
-
-def _checked(dg: DependencyGraph, plan: Plan, pruned: nn.Module, dropped: np.ndarray, reference: Any,
-             exact_part: Optional[VerificationResult]) -> VerificationResult:
-    result = verify_pruned(dg, pruned, dropped, reference)
-    if not result.passed:
-        raise VerificationError(_explain_failure(dg, plan, result))
-    if exact_part is not None:
-        result.message += (f"; the channels outside channel-mixing ops, pruned alone, match the zeroed "
-                           f"original exactly (relative error {exact_part.max_abs_error:.2g})")
-    return result
-
-
-def _check_materialised(model: nn.Module, criterion: Any, verify: bool) -> None:
-    """Weights on the meta device can be planned but neither scored by magnitude nor run."""
-    if not any(t.is_meta for t in model.parameters()):
-        return
-    if verify or (isinstance(criterion, str) and criterion != "random"):
-        raise StructPruneError(
-            "the model's weights are on the meta device: magnitude criteria and verification need real "
-            "values. Load the weights first, or plan with criterion='random' (or your own scores) and "
-            "verify=False.")
-
-
-def _explain_failure(dg: DependencyGraph, plan: Plan, result: VerificationResult) -> str:
-    groups = ", ".join(f"{gid} ({dg.groups[gid].spaces[0]})" for gid in list(plan.drops)[:5])
-    return (f"pruning broke the model: {result.message}. Groups pruned include {groups}. Your model was left "
-            f"unchanged; please report this with the model definition (slim(..., verify=False) skips the check).")
+    return slim_with_report(model, example_input, ratio, **options)[0]

@@ -15,9 +15,11 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from .errors import VerificationError
+from .graph.capture import eval_mode, output_tensors
 from .graph.dependency_graph import DependencyGraph
 from .graph.labels import Label
-from .graph.capture import eval_mode, output_tensors
+from .surgery.shrink import shrunk_copy
 
 RTOL = 1e-4  # relative to the largest reference magnitude: pruning only reorders float sums
 
@@ -46,10 +48,10 @@ def _zero_dropped(value: Any, label: Label, dropped: np.ndarray) -> Any:
                 value = value * keep.to(value.dtype) if value.is_floating_point() else value * keep
         return value
     if isinstance(value, (tuple, list)) and isinstance(label, list) and len(label) == len(value):
-        items = [_zero_dropped(v, l, dropped) for v, l in zip(value, label)]
+        items = [_zero_dropped(item, item_label, dropped) for item, item_label in zip(value, label)]
         return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
     if isinstance(value, dict) and isinstance(label, list) and len(label) == len(value):
-        return {k: _zero_dropped(v, l, dropped) for (k, v), l in zip(value.items(), label)}
+        return {key: _zero_dropped(item, item_label, dropped) for (key, item), item_label in zip(value.items(), label)}
     return value
 
 
@@ -76,7 +78,7 @@ def _zeroed_leaf_parameters(dg: DependencyGraph, dropped: np.ndarray):
     leaves = [n.target for n in dg.trace.graph.nodes if n.op == "call_module"]
     owned = {f"{path}.{name}" for path in leaves for name, _ in dg.trace.module.get_submodule(path).named_parameters()}
     zeroed: Dict[int, torch.Tensor] = {}
-    for space in dg.state.spaces:
+    for space in dg.spaces:
         gone = np.flatnonzero(space.of(dropped))
         if space.tensor in owned and gone.size:
             path, _, attr = space.tensor.rpartition(".")
@@ -150,3 +152,40 @@ def verify(dg: DependencyGraph, pruned: nn.Module, dropped: np.ndarray, referenc
         "has the original's output shapes and finite values (a channel-mixing op such as LayerNorm makes an " \
         "exact comparison impossible)"
     return VerificationResult(True, exact, worst, f"verification passed: the pruned model {kind}")
+
+
+class Verifier:
+    """The one verifier every entry point uses: the zeroed reference is computed before shrinking
+    (an in-place shrink changes the very modules the captured graph calls), the verdict after.
+
+    When some pruned channels meet channel-mixing ops (LayerNorm, softmax), the full result can only
+    be checked for shapes and finiteness. The other channels are then pruned alone on a copy and
+    checked value for value, so a mistake outside the mixing ops cannot hide behind them.
+    """
+
+    def __init__(self, dg: DependencyGraph, dropped: np.ndarray):
+        self.dg, self.dropped = dg, dropped
+        self.exact_part: Optional[VerificationResult] = None
+        subset = dropped & dg.exact_elements
+        if not is_exact(dg, dropped) and subset.any():
+            self.exact_part = verify(dg, shrunk_copy(dg.model, dg, subset), subset, zeroed_reference(dg, subset),
+                                     exact=True)
+            if not self.exact_part.passed:
+                raise VerificationError(self.explain(self.exact_part))
+        self.reference = zeroed_reference(dg, dropped)
+
+    def check(self, pruned: nn.Module) -> VerificationResult:
+        """The verdict on ``pruned``; raises :class:`VerificationError` when it fails."""
+        result = verify(self.dg, pruned, self.dropped, self.reference)
+        if not result.passed:
+            raise VerificationError(self.explain(result))
+        if self.exact_part is not None:
+            result.message += (f"; the channels outside channel-mixing ops, pruned alone, match the zeroed "
+                               f"original exactly (relative error {self.exact_part.max_abs_error:.2g})")
+        return result
+
+    def explain(self, result: VerificationResult) -> str:
+        pruned = [g for g in self.dg.groups if any(s.of(self.dropped).any() for s in g.spaces)]
+        groups = ", ".join(f"{g.id} ({g.spaces[0]})" for g in pruned[:5])
+        return (f"pruning broke the model: {result.message}. Groups pruned include {groups}. Your model was left "
+                f"unchanged; please report this with the model definition (verify=False skips the check).")

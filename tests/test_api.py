@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from helpers import assert_unchanged, snapshot
 
 import structprune as sp
-from helpers import assert_unchanged, snapshot
 
 
 class Net(nn.Module):

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-import structprune as sp
 from attention_models import Encoder, TorchMHA
 from helpers import outputs, slim_exact
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import structprune as sp
 
 IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -98,7 +99,8 @@ def test_multihead_attention_prunes_whole_heads(batch_first):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(heads=st.sampled_from([2, 4, 6]), groups=st.sampled_from([1, 2]), head_dim=st.sampled_from([4, 8]),
        packed=st.booleans(), sdpa=st.booleans(), split_with=st.sampled_from(["attribute", "minus_one"]),
-       gqa=st.sampled_from(["repeat_interleave", "expand", "enable_gqa"]), attention=st.sampled_from(["heads", "head_dims"]),
+       gqa=st.sampled_from(["repeat_interleave", "expand", "enable_gqa"]),
+       attention=st.sampled_from(["heads", "head_dims"]),
        ratio=st.sampled_from([0.25, 0.5, 0.7]), hidden=st.booleans())
 def test_generated_attention_blocks_prune_consistently(heads, groups, head_dim, packed, sdpa, split_with, gqa,
                                                        attention, ratio, hidden):
@@ -134,7 +136,8 @@ class HiddenWidthUnderExport(torch.nn.Module):
         if h.shape[1] > 0:  # data-dependent branch: fx gives up, export specialises it
             b, n, c = h.shape
             q, k, v = self.qkv(h).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-            h = h + self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+            attended = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            h = h + self.proj(attended.transpose(1, 2).reshape(b, n, c))
         return self.head(h.mean(1))
 
 

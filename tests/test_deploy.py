@@ -8,9 +8,9 @@ import onnx
 import pytest
 import torch
 import torchvision
+from attention_models import Encoder
 
 import structprune as sp
-from attention_models import Encoder
 
 
 def _cnn():

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import assert_unchanged, slim_exact, snapshot
 
 import structprune as sp
 from structprune.surgery.copying import deep_copy_module
-from helpers import assert_unchanged, slim_exact, snapshot
 
 
 class ShapeBranch(nn.Module):

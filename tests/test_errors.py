@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from helpers import assert_unchanged, snapshot
 
 import structprune as sp
-import structprune.surgery.shrink as shrink_module
-from helpers import assert_unchanged, snapshot
+from structprune.ops import find_updater, override
 
 
 class Small(nn.Module):
@@ -95,23 +95,23 @@ def test_untraceable_model_names_both_tracers_and_the_line():
     assert_unchanged(model, snap)
 
 
-def test_failure_midway_through_shrinking_rolls_back(monkeypatch):
+def test_failure_midway_through_shrinking_rolls_back():
     model = Small().eval()
     model.bn.running_mean.normal_()
     snap = snapshot(model)
-    original = shrink_module._UPDATERS[nn.Linear]
+    original = find_updater(model.bn)
     calls = []
 
     def exploding_updater(module, old):
         calls.append(module)
         raise RuntimeError("injected failure")
 
-    monkeypatch.setitem(shrink_module._UPDATERS, nn.BatchNorm2d, exploding_updater)
-    with pytest.raises(RuntimeError, match="injected failure"):
-        sp.slim(model, X, 0.5, inplace=True)
+    with override(nn.BatchNorm2d, update=exploding_updater):
+        with pytest.raises(RuntimeError, match="injected failure"):
+            sp.slim(model, X, 0.5, inplace=True)
     assert calls, "the injected failure must have happened mid-way"
     assert_unchanged(model, snap)
-    assert shrink_module._UPDATERS[nn.Linear] is original
+    assert find_updater(model.bn) is original
 
 
 def test_verification_failure_raises_and_rolls_back(monkeypatch):

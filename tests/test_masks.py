@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import structprune as sp
-from structprune.masks.sparsify import nm_mask
+from structprune.masks import nm_mask
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torchvision  # noqa: E402
 
 import structprune as sp
-
-import torchvision  # noqa: E402
 
 
 class Stack(nn.Module):

@@ -20,14 +20,15 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 
-import pytest
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 import structprune as sp
+
 try:
     from tests.archgen import ArchSpec, arch_specs
 except ImportError:  # tests/ on sys.path (pytest rootdir insertion) but not the repo root

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import slim_exact
 
 import structprune as sp
 from structprune.surgery.shrink import rollback
-from helpers import slim_exact
 
 
 class GroupNormNoAffine(nn.Module):

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-
 import torchvision  # noqa: E402
 
 import structprune as sp  # noqa: E402
@@ -23,8 +22,8 @@ FIXED_SIDE = {"vit_": 224, "maxvit_t": 224}  # these models only accept one reso
 MIN_SIDE = {"inception_v3": 299}  # its training-only auxiliary head needs the full resolution
 ATTENTION = ("vit_", "swin_", "maxvit_")
 BIG = 60_000_000  # parameters: anything larger is marked slow (still part of the default run)
-TP_REMOVED = {k: v for k, v in json.loads((Path(__file__).parent / "data" / "torch_pruning_removed.json").read_text()).items()
-              if not k.startswith("_")}
+_TP_FILE = Path(__file__).parent / "data" / "torch_pruning_removed.json"
+TP_REMOVED = {k: v for k, v in json.loads(_TP_FILE.read_text()).items() if not k.startswith("_")}
 _PARAMS = {
     # build cost is dominated by weight init; a rough size tells which cases are slow
     name: size for name, size in (("regnet_y_128gf", 644), ("vit_h_14", 632), ("regnet_y_32gf", 145),

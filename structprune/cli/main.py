@@ -141,8 +141,9 @@ def cmd_slim(args) -> int:
 
 def cmd_bench(args) -> int:
     import structprune as sp
+
     from ..tools.metrics import count_macs, count_parameters, latency_ms
-    from ..workflows.schedules import progress_bar
+    from ..tools.progress import progress_bar
 
     model, x = _load(args)
     ratios = [float(r) for r in args.ratios.split(",")]

@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ExampleInputError, TraceError
+from ..options import TRACERS, check_choice
 
 
 @dataclass
@@ -186,8 +187,6 @@ def _export_trace(model: nn.Module, inputs: Inputs) -> Trace:
 
 
 
-TRACERS = ("auto", "fx", "export")
-
 
 def capture(model: nn.Module, inputs: Inputs, is_rule_leaf, training: bool = False, tracer: str = "auto") -> Trace:
     """Trace ``model`` (in eval mode unless ``training``).
@@ -196,7 +195,7 @@ def capture(model: nn.Module, inputs: Inputs, is_rule_leaf, training: bool = Fal
     one of them only. Raises TraceError naming every tracer's failure.
     """
     if tracer not in TRACERS:
-        raise ValueError(f"tracer must be one of {TRACERS}, not {tracer!r}")
+        check_choice("tracer", tracer, TRACERS)
     attempts = {"fx": lambda: _fx_trace(model, inputs, is_rule_leaf), "export": lambda: _export_trace(model, inputs)}
     order = ["fx", "export"] if tracer == "auto" else [tracer]
     failures = []

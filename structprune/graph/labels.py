@@ -14,7 +14,7 @@ channel expanding into a block of inputs) and grouped convolutions are all plain
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -48,21 +48,78 @@ class Space:
         return f"{self.tensor}[dim {self.dim}]"
 
 
+class Coupling(NamedTuple):
+    """Index i of ``a`` and index i of ``b`` are kept or dropped together (both all >= 0), because of ``op``."""
+
+    a: np.ndarray
+    b: np.ndarray
+    op: str
+
+
+class Mark(NamedTuple):
+    """Elements with a reason: frozen ones, or ones whose pruning only approximates the zeroed model."""
+
+    elements: np.ndarray
+    reason: str
+
+
+class WidthRecord(NamedTuple):
+    """``<path>.<attribute>`` states a width that no tensor records (BatchNorm without affine
+    parameters, Swin's ``num_heads``): after pruning it becomes the count of kept ``elements``."""
+
+    path: str
+    attribute: str
+    elements: np.ndarray
+
+
+@dataclass
+class HeadSplit:
+    """A projection split into heads inside the forward of module ``path``.
+
+    ``heads``/``dims`` are the element labels of the head and head-dim axes when that axis is the one
+    pruning shortens (an int: its size never changes)."""
+
+    path: str
+    heads: Union[AxisLabel, int]
+    dims: Union[AxisLabel, int]
+
+
+class Checkpoint(NamedTuple):
+    """Lengths of every record list of a :class:`ChannelState` at one moment (see ``rollback``)."""
+
+    spaces: int
+    n_elements: int
+    pairs: int
+    frozen: int
+    inexact: int
+    producers: int
+    widths: int
+    head_splits: int
+    attribute_axes: int
+
+
 @dataclass
 class ChannelState:
-    """Accumulates spaces, unifications and freezes while rules walk the graph."""
+    """Accumulates spaces, unifications and freezes while rules walk the graph.
 
-    spaces: list = field(default_factory=list)
+    Graph facts (spaces, pairs, frozen, inexact, producers) say what is coupled; ``widths`` and
+    ``head_splits`` are instructions for shrinking (attributes to rewrite afterwards). Every record
+    is appended, so a :meth:`checkpoint` is a set of lengths and :meth:`rollback` truncates to them.
+    """
+
+    spaces: List[Space] = field(default_factory=list)
     n_elements: int = 0
-    axis_spaces: dict = field(default_factory=dict)  # (tensor fqn, dim) -> Space
-    pairs: list = field(default_factory=list)  # (a, b, op) arrays of equal length, both >= 0
-    frozen: list = field(default_factory=list)  # (elements, reason)
-    inexact: list = field(default_factory=list)  # (elements, reason)
-    producers: list = field(default_factory=list)  # elements that originate a structure
-    widths: list = field(default_factory=list)  # (module path, attribute, elements): widths no tensor records
-    attribute_axes: dict = field(default_factory=dict)  # (module path, attribute) -> the axis it sizes
-    head_splits: list = field(default_factory=list)  # attributes.HeadSplit: where projections split into heads
-    attention: str = "heads"  # what a head split prunes: whole "heads" or the same "head_dims" in every head
+    axis_spaces: Dict[Tuple[str, int], Space] = field(default_factory=dict)
+    pairs: List[Coupling] = field(default_factory=list)
+    frozen: List[Mark] = field(default_factory=list)
+    inexact: List[Mark] = field(default_factory=list)
+    producers: List[np.ndarray] = field(default_factory=list)  # elements that originate a structure
+    widths: List[WidthRecord] = field(default_factory=list)
+    # (module path, attribute) or ("config", id, attribute) -> the axis that size attribute sizes
+    attribute_axes: Dict[tuple, np.ndarray] = field(default_factory=dict)
+    head_splits: List[HeadSplit] = field(default_factory=list)
+    # tensor name, or module path + ".", -> why its spaces are frozen whenever they are created
+    frozen_tensors: Dict[str, str] = field(default_factory=dict)
 
     def param_axis(self, tensor: str, dim: int, size: int) -> np.ndarray:
         """Elements of axis ``dim`` of the named tensor, created on first use."""
@@ -73,6 +130,9 @@ class ChannelState:
             self.spaces.append(space)
             self.axis_spaces[key] = space
             self.n_elements += size
+            reason = self._frozen_reason(tensor) if self.frozen_tensors else None
+            if reason is not None:
+                self.freeze(space.elements, reason)
         elif space.size != size:
             raise RuntimeError(f"{tensor} dim {dim} seen with sizes {space.size} and {size}")
         return space.elements
@@ -81,7 +141,7 @@ class ChannelState:
         """Declare that index i of ``a`` and index i of ``b`` must be kept or dropped together."""
         if a is None and b is None:
             return
-        n = size if size is not None else len(a if a is not None else b)
+        n = size if size is not None else len(a) if a is not None else len(b)  # type: ignore[arg-type]
         a = np.full(n, UNLABELED, np.int64) if a is None else a
         b = np.full(n, UNLABELED, np.int64) if b is None else b
         if len(a) != len(b):
@@ -89,7 +149,7 @@ class ChannelState:
         known_a, known_b = a >= 0, b >= 0
         both = known_a & known_b
         if both.any():
-            self.pairs.append((a[both], b[both], op))
+            self.pairs.append(Coupling(a[both], b[both], op))
         lonely = np.concatenate([a[known_a & ~known_b], b[known_b & ~known_a]])
         if lonely.size:
             self.freeze(lonely, f"{op}: coupled to a tensor axis with no prunable channels")
@@ -97,7 +157,7 @@ class ChannelState:
     def freeze(self, elements: Union[AxisLabel, Sequence], reason: str) -> None:
         arr = _known(elements)
         if arr.size:
-            self.frozen.append((arr, reason))
+            self.frozen.append(Mark(arr, reason))
 
     def freeze_label(self, label: Label, reason: str) -> None:
         for axis in iter_axes(label):
@@ -106,12 +166,57 @@ class ChannelState:
     def mark_inexact(self, elements: AxisLabel, reason: str) -> None:
         arr = _known(elements)
         if arr.size:
-            self.inexact.append((arr, reason))
+            self.inexact.append(Mark(arr, reason))
 
     def mark_producer(self, elements: AxisLabel) -> None:
         arr = _known(elements)
         if arr.size:
             self.producers.append(arr)
+
+    def record_width(self, path: str, attribute: str, elements: np.ndarray) -> None:
+        self.widths.append(WidthRecord(path, attribute, elements))
+
+    def record_head_split(self, split: HeadSplit) -> None:
+        self.head_splits.append(split)
+
+    def bind_attribute(self, key: tuple, axis: np.ndarray) -> np.ndarray:
+        """The axis a size attribute sizes: the first one bound to ``key`` (``axis`` if none was)."""
+        return self.attribute_axes.setdefault(key, axis)
+
+    # ----- undoing a failed rule -----------------------------------------------------------------
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(len(self.spaces), self.n_elements, len(self.pairs), len(self.frozen), len(self.inexact),
+                          len(self.producers), len(self.widths), len(self.head_splits), len(self.attribute_axes))
+
+    def rollback(self, checkpoint: Checkpoint) -> List[str]:
+        """Forget everything recorded since ``checkpoint``; return the tensors whose new spaces were
+        dropped (so that the caller can keep them frozen should a later node create them again)."""
+        dropped = [space.tensor for space in self.spaces[checkpoint.spaces:]]
+        for space in self.spaces[checkpoint.spaces:]:
+            del self.axis_spaces[(space.tensor, space.dim)]
+        for key in list(self.attribute_axes)[checkpoint.attribute_axes:]:  # dicts keep insertion order
+            del self.attribute_axes[key]
+        del self.spaces[checkpoint.spaces:], self.pairs[checkpoint.pairs:], self.frozen[checkpoint.frozen:]
+        del self.inexact[checkpoint.inexact:], self.producers[checkpoint.producers:]
+        del self.widths[checkpoint.widths:], self.head_splits[checkpoint.head_splits:]
+        self.n_elements = checkpoint.n_elements
+        return list(dict.fromkeys(dropped))
+
+    def freeze_tensor(self, name: str, reason: str) -> None:
+        """Freeze every space of tensor ``name`` (a name ending in ``.``: every tensor under that
+        module path), now and whenever one is created later."""
+        self.frozen_tensors.setdefault(name, reason)
+        for space in self.spaces:
+            if space.tensor == name or (name.endswith(".") and space.tensor.startswith(name)):
+                self.freeze(space.elements, reason)
+
+    def _frozen_reason(self, tensor: str) -> Optional[str]:
+        reason = self.frozen_tensors.get(tensor)
+        path = tensor
+        while reason is None and "." in path:
+            path = path.rpartition(".")[0]
+            reason = self.frozen_tensors.get(path + ".")
+        return reason
 
 
 def _known(elements) -> np.ndarray:

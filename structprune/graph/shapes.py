@@ -7,8 +7,9 @@ values (ints, ``torch.Size``) as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -56,93 +57,43 @@ class ShapeProp(fx.Interpreter):
         return result
 
 
+def _has_tensor(meta: Any) -> bool:
+    if isinstance(meta, TensorMeta):
+        return True
+    if isinstance(meta, (list, tuple)):
+        return any(_has_tensor(m) for m in meta)
+    if isinstance(meta, dict):
+        return any(_has_tensor(m) for m in meta.values())
+    return False
+
+
+def fits(label: Any, meta: Any) -> bool:
+    """Does a rule's label (see ``labels.Label``) have the structure of the node's value, ``meta``
+    (see :func:`describe`)? One array of the axis's length or None per tensor axis, a list per container."""
+    if isinstance(meta, TensorMeta):
+        return isinstance(label, tuple) and len(label) == meta.ndim and all(
+            axis is None or (isinstance(axis, np.ndarray) and axis.shape == (meta.shape[k],))
+            for k, axis in enumerate(label))
+    if isinstance(meta, (list, tuple)) and not isinstance(meta, torch.Size):
+        items = list(meta)
+        return label is None and not _has_tensor(meta) or (
+            isinstance(label, list) and len(label) == len(items)
+            and all(fits(item, item_meta) for item, item_meta in zip(label, items)))
+    if isinstance(meta, dict):
+        return isinstance(label, list) and len(label) == len(meta) and all(
+            fits(item, item_meta) for item, item_meta in zip(label, meta.values()))
+    return label is None
+
+
 # ---- shape propagation on the meta device ---------------------------------------------------------------
 ShapeFunction = Callable[..., torch.Tensor]
-_SHAPE_FUNCTIONS: Dict[type, ShapeFunction] = {}
+# module -> its shape function, or None (the op registry's ``shape_function_for``): passed in, so that
+# this module knows no op
+ShapeLookup = Callable[[nn.Module], Optional[ShapeFunction]]
 
 
-def shape_function(*classes):
-    """Register ``fn(module, *args) -> meta tensor`` computing a module's output without running it."""
-
-    def register(fn: ShapeFunction) -> ShapeFunction:
-        for cls in classes:
-            _SHAPE_FUNCTIONS[cls] = fn
-        return fn
-
-    return register
-
-
-def _shape_function_for(module: nn.Module):
-    cls = type(module)
-    for base in cls.__mro__:
-        fn = _SHAPE_FUNCTIONS.get(base)
-        if fn is not None:
-            return fn if cls.forward is base.forward else None
+def _no_formulas(module: nn.Module) -> Optional[ShapeFunction]:
     return None
-
-
-# parameter-free modules that keep their input's shape (anything with parameters runs on meta
-# tensors instead, so that a mismatched input still raises)
-_SAME_SHAPE = (
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Tanhshrink, nn.Threshold,
-    nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Softmax, nn.LogSoftmax, nn.Softmin,
-    nn.modules.dropout._DropoutNd,
-)
-
-
-@shape_function(*_SAME_SHAPE)
-def _same_shape(module, x, *args, **kwargs):
-    return x
-
-
-def _checked_same_shape(fits: Callable[[nn.Module, torch.Tensor], bool]) -> ShapeFunction:
-    def shape(module, x):
-        if not fits(module, x):
-            raise RuntimeError(f"{type(module).__name__} does not fit its input")  # the real op explains
-        return x
-
-    return shape
-
-
-shape_function(nn.modules.batchnorm._BatchNorm)(
-    _checked_same_shape(lambda m, x: x.ndim >= 2 and x.shape[1] == m.num_features))
-shape_function(nn.LayerNorm)(
-    _checked_same_shape(lambda m, x: tuple(x.shape[x.ndim - len(m.normalized_shape):]) == tuple(m.normalized_shape)))
-shape_function(nn.GroupNorm)(_checked_same_shape(lambda m, x: x.ndim >= 2 and x.shape[1] == m.num_channels))
-shape_function(nn.PReLU)(
-    _checked_same_shape(lambda m, x: m.num_parameters == 1 or (x.ndim >= 2 and x.shape[1] == m.num_parameters)))
-
-
-@shape_function(nn.Linear)
-def _linear_shape(module, x):
-    if x.ndim == 0 or x.shape[-1] != module.in_features:
-        raise RuntimeError("linear layer does not fit its input")  # the real op raises the real error
-    return x.new_empty(x.shape[:-1] + (module.out_features,))
-
-
-@shape_function(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def _conv_shape(module, x):
-    k = len(module.kernel_size)
-    if isinstance(module.padding, str):
-        padding = [0] * k if module.padding == "valid" else None
-    else:
-        padding = module.padding
-    spatial = []
-    for i, size in enumerate(x.shape[-k:]):
-        if padding is None:  # "same"
-            spatial.append(size)
-            continue
-        span = module.dilation[i] * (module.kernel_size[i] - 1) + 1
-        spatial.append((size + 2 * padding[i] - span) // module.stride[i] + 1)
-    if min(spatial) <= 0 or x.shape[-k - 1] != module.in_channels:
-        raise RuntimeError("convolution does not fit its input")  # let the real op raise its own error
-    return x.new_empty(tuple(x.shape[:-k - 1]) + (module.out_channels,) + tuple(spatial))
-
-
-@shape_function(nn.Flatten)
-def _flatten_shape(module, x):
-    return torch.flatten(x, module.start_dim, module.end_dim)
 
 
 class MetaShapeProp(ShapeProp):
@@ -152,10 +103,11 @@ class MetaShapeProp(ShapeProp):
     swapped for meta copies; functions run on meta tensors directly.
     """
 
-    def __init__(self, module: nn.Module, graph: fx.Graph):
+    def __init__(self, module: nn.Module, graph: fx.Graph, shape_of: ShapeLookup = _no_formulas):
         super().__init__(module, graph=graph)
         self._metas: Dict[int, torch.Tensor] = {}
         self._modules = dict(module.named_modules())
+        self._shape_of = shape_of
 
     def _meta(self, t: Any) -> Any:
         if not isinstance(t, torch.Tensor) or t.is_meta:
@@ -170,7 +122,7 @@ class MetaShapeProp(ShapeProp):
 
     def call_module(self, target, args, kwargs) -> Any:
         module = self._modules[target]
-        fn = _shape_function_for(module)
+        fn = self._shape_of(module)
         if fn is not None and not (module._forward_hooks or module._forward_pre_hooks):
             return fn(module, *args, **kwargs)
         tensors = {name: self._meta(t) for name, t in
@@ -178,15 +130,16 @@ class MetaShapeProp(ShapeProp):
         return torch.func.functional_call(module, tensors, tuple(args), dict(kwargs))
 
 
-def propagate_shapes(trace, args: list) -> None:
+def propagate_shapes(trace, args: list, shape_of: ShapeLookup = _no_formulas) -> None:
     """Fill ``node.meta[META_KEY]`` for every node of a captured graph (a ``trace.Trace``).
 
     Meta tensors first (constant cost, nothing materialised: fine for models too big for memory);
-    a real forward pass (no autograd) when an op needs real data or mixes devices.
+    a real forward pass (no autograd) when an op needs real data or mixes devices. ``shape_of``
+    gives the modules whose output shape a formula computes (the others run on meta tensors).
     """
     try:
         with torch.no_grad():
-            MetaShapeProp(trace.module, trace.graph).run(
+            MetaShapeProp(trace.module, trace.graph, shape_of).run(
                 *[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
         return
     except Exception:

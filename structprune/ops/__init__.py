@@ -1,11 +1,50 @@
 """Everything structprune knows about one op family, in one file per family.
 
 Importing this package registers every built-in op. A contributor adds an op by writing one rule
-(and, for a module class, its shape function, updater and width attribute) in the family's file.
+(and, for a module class, its shape function, updater, width attribute and input axes) in the
+family's file; ``list_ops()`` lists what is registered.
 """
-from . import activation, attention, conv, linear, norm, reshape  # noqa: F401  (registration side effects)
-from .thirdparty import torchvision  # noqa: F401
+# registration side effects: every family registers its specs on import
+from . import (  # noqa: F401
+               activation,
+               arithmetic,
+               attention,
+               broadcast,
+               contraction,
+               conv,
+               embedding,
+               indexing,
+               join_split,
+               linear,
+               norm,
+               permute,
+               queries,
+               reduction,
+               reshape,
+               spatial,
+)
 from .context import RuleContext
-from .registry import has_module_rule, lookup, op_name, rule
+from .registry import (
+               OpSpec,
+               find_updater,
+               has_module_rule,
+               input_axis,
+               is_weighted,
+               list_ops,
+               lookup,
+               module_spec,
+               op_name,
+               override,
+               register_op,
+               rule,
+               shape_function_for,
+               strict_rules,
+               updater,
+               weighted_layers,
+               width_of,
+)
+from .thirdparty import torchvision, transformers  # noqa: F401
 
-__all__ = ["RuleContext", "has_module_rule", "lookup", "op_name", "rule"]
+__all__ = ["OpSpec", "RuleContext", "find_updater", "has_module_rule", "input_axis", "is_weighted", "list_ops",
+           "lookup", "module_spec", "op_name", "override", "register_op", "rule", "shape_function_for",
+           "strict_rules", "updater", "weighted_layers", "width_of"]

@@ -1,23 +1,22 @@
 """Attention: ``scaled_dot_product_attention`` and ``nn.MultiheadAttention``.
 
 Explicit attention (``softmax(q @ k.transpose(-2, -1) * scale) @ v``) needs no rule of its own: the
-head split (see ``layout.reshape_label``), matmul's batch axes and the softmax over key positions
+head split (see ``reshape.reshape_label``), matmul's batch axes and the softmax over key positions
 already couple q, k, v and the output projection head by head.
 """
 from __future__ import annotations
 
 import operator
-from typing import List
+from typing import Dict, List
 
 import numpy as np
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-from ..surgery.size_attributes import HeadSplit
 from ..graph.labels import AxisLabel
 from .context import RuleContext, unlabeled
+from .registry import register_op, rule
 from .reshape import tie_split
-from .registry import rule
 
 
 def _grouped(ctx: RuleContext, q_axis: AxisLabel, kv_axis: AxisLabel, n_q: int, n_kv: int) -> None:
@@ -41,42 +40,43 @@ def scaled_dot_product_attention(ctx: RuleContext, node):
     explicit ``scale`` the softmax temperature is 1/sqrt(E): pruning E would change it, so E is frozen.
     """
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
-    lq, lk, lv = ctx.tlabel(q), ctx.tlabel(k), ctx.tlabel(v)
-    mq, mk = ctx.meta(q), ctx.meta(k)
-    if not (len(lq) == len(lk) == len(lv) >= 3):
+    query_label, key_label, value_label = ctx.tlabel(q), ctx.tlabel(k), ctx.tlabel(v)
+    query_meta, key_meta = ctx.meta(q), ctx.meta(k)
+    if not (len(query_label) == len(key_label) == len(value_label) >= 3):
         ctx.freeze_inputs("attention inputs of unequal rank")
         return ctx.unlabeled_output()
-    ctx.unify(lq[-1], lk[-1], mq.shape[-1])
-    if ctx.arg(6, "scale") is None and lq[-1] is not None:
-        ctx.freeze(lq[-1], "head dims under the implicit 1/sqrt(head_dim) softmax scale (pass scale= to prune them)")
-    ctx.unify(lk[-2], lv[-2], mk.shape[-2])
-    ctx.freeze(lk[-2], "key positions of an attention")
-    ctx.freeze(lq[-2], "query positions of an attention")
+    ctx.unify(query_label[-1], key_label[-1], query_meta.shape[-1])
+    if ctx.arg(6, "scale") is None and query_label[-1] is not None:
+        ctx.freeze(query_label[-1],
+                   "head dims under the implicit 1/sqrt(head_dim) softmax scale (pass scale= to prune them)")
+    ctx.unify(key_label[-2], value_label[-2], key_meta.shape[-2])
+    ctx.freeze(key_label[-2], "key positions of an attention")
+    ctx.freeze(query_label[-2], "query positions of an attention")
     batch: List[AxisLabel] = []
-    n = len(lq)
+    n = len(query_label)
     for i in range(n - 2):
-        kv = ctx.unify_all([lk[i], lv[i]], mk.shape[i])
-        if mq.shape[i] == mk.shape[i]:
-            batch.append(ctx.unify_all([lq[i], kv], mq.shape[i]))
-        elif i == n - 3 and mk.shape[i] > 0:
-            _grouped(ctx, lq[i], kv, mq.shape[i], mk.shape[i])
-            batch.append(lq[i])
+        key_value = ctx.unify_all([key_label[i], value_label[i]], key_meta.shape[i])
+        if query_meta.shape[i] == key_meta.shape[i]:
+            batch.append(ctx.unify_all([query_label[i], key_value], query_meta.shape[i]))
+        elif i == n - 3 and key_meta.shape[i] > 0:
+            _grouped(ctx, query_label[i], key_value, query_meta.shape[i], key_meta.shape[i])
+            batch.append(query_label[i])
         else:
-            ctx.freeze(lq[i], "attention batch axes that broadcast")
-            ctx.freeze(kv, "attention batch axes that broadcast")
+            ctx.freeze(query_label[i], "attention batch axes that broadcast")
+            ctx.freeze(key_value, "attention batch axes that broadcast")
             batch.append(None)
     mask = ctx.arg(3, "attn_mask")
     if ctx.is_tensor(mask):
-        lm, mm = ctx.tlabel(mask), ctx.meta(mask)
-        for j, axis in enumerate(lm):
-            i = j + n - len(lm)
-            if i >= 0 and i < n - 2 and mm.shape[j] == mq.shape[i] and mm.shape[j] > 1:
+        mask_label, mask_meta = ctx.tlabel(mask), ctx.meta(mask)
+        for j, axis in enumerate(mask_label):
+            i = j + n - len(mask_label)
+            if i >= 0 and i < n - 2 and mask_meta.shape[j] == query_meta.shape[i] and mask_meta.shape[j] > 1:
                 # a bias per head (relative positions, ALiBi) must lose the same heads; an unlabelled
                 # one cannot lose any, so it freezes them
-                ctx.unify(batch[i], axis, mm.shape[j])
+                ctx.unify(batch[i], axis, mask_meta.shape[j])
             else:
                 ctx.freeze(axis, "attention mask axis")
-    return tuple(batch) + (None, lv[-1])
+    return tuple(batch) + (None, value_label[-1])
 
 
 @rule(nn.MultiheadAttention)
@@ -127,10 +127,22 @@ def multihead_attention(ctx: RuleContext, node):
         # returned attention weights (averaged over heads or per head) and (B*H, L, S) masks are
         # sized or valued by the head count
         ctx.freeze(heads, "attention weights returned, or a per-head mask, fix the head count")
-    ctx.state.head_splits.append(HeadSplit(path, heads, e // h))
-    ctx.state.mark_producer(out_rows)
-    ctx.state.mark_producer(pieces[0])
+    ctx.record_head_split(path, heads, e // h)
+    ctx.mark_producer(out_rows)
+    ctx.mark_producer(pieces[0])
     label = ctx.tlabel(query)
     out = tuple(label[:-1]) + (out_rows,)
     return [out, unlabeled(weights_out)] if isinstance(ctx.out, (list, tuple)) else out
 
+
+def update_multihead_attention(module: nn.MultiheadAttention, old: Dict[str, tuple]) -> None:
+    """Whole heads were removed: the head size stays, the head count and widths shrink."""
+    head_dim = module.embed_dim // module.num_heads
+    rows = (module.in_proj_weight.shape[0] // 3) if module.in_proj_weight is not None \
+        else module.q_proj_weight.shape[0]
+    module.embed_dim = module.kdim = module.vdim = rows
+    module.num_heads = rows // head_dim
+    module.head_dim = head_dim
+
+
+register_op(nn.MultiheadAttention, update=update_multihead_attention, width="embed_dim")

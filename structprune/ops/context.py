@@ -1,28 +1,29 @@
-"""What a rule sees: its node, the labels and example shapes of its inputs, and the channel state."""
+"""What a rule sees: its node, the labels and example shapes of its inputs; and what it may record."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import fx, nn
 
+from ..graph.labels import AxisLabel, ChannelState, HeadSplit, Label, TensorLabel
 from ..graph.shapes import META_KEY, TensorMeta
-from ..graph.labels import AxisLabel, ChannelState, Label, TensorLabel
 
 
 class RuleContext:
     """Helpers shared by all rules; one instance serves a whole graph walk."""
 
     def __init__(self, root: nn.Module, model: nn.Module, state: ChannelState, labels: Dict[fx.Node, Label],
-                 canonical: Dict[int, str], exported: bool = False):
+                 canonical: Dict[int, str], exported: bool = False, attention: str = "heads"):
         self.root = root  # the traced GraphModule
         self.modules = dict(root.named_modules())
         self.model = model  # the caller's model: module classes and attributes live here
-        self.state = state
+        self._state = state  # rules record through the methods below, never on the state directly
         self.labels = labels
         self._canonical = canonical  # id(tensor) -> canonical fully-qualified name
         self.exported = exported  # torch.export bakes every shape read into the graph as a literal
+        self.attention = attention  # what a head split prunes: whole "heads" or the same "head_dims" in each
         self.node: Optional[fx.Node] = None
         self.op = ""
 
@@ -97,7 +98,7 @@ class RuleContext:
         fqn = self._canonical.get(id(tensor))
         if fqn is None:  # computed on access (weight_norm, parametrizations): nothing we can slice
             return None
-        return self.state.param_axis(fqn, dim, tensor.shape[dim])
+        return self._state.param_axis(fqn, dim, tensor.shape[dim])
 
     def module_param(self, name: str, dim: int) -> AxisLabel:
         return self.param_axis(self.module, self.node.target, name, dim)
@@ -134,7 +135,7 @@ class RuleContext:
 
     # ----- acting on labels -------------------------------------------------------------------
     def unify(self, a: AxisLabel, b: AxisLabel, size: Optional[int] = None) -> None:
-        self.state.unify(a, b, self.op, size)
+        self._state.unify(a, b, self.op, size)
 
     def unify_all(self, axes: Sequence[AxisLabel], size: int) -> AxisLabel:
         """Unify several axes of one length; return a representative label (None if all None).
@@ -159,9 +160,9 @@ class RuleContext:
 
     def freeze(self, label: Any, why: str) -> None:
         if isinstance(label, np.ndarray):
-            self.state.freeze(label, f"{self.op}: {why}")
+            self._state.freeze(label, f"{self.op}: {why}")
         else:
-            self.state.freeze_label(label, f"{self.op}: {why}")
+            self._state.freeze_label(label, f"{self.op}: {why}")
 
     def freeze_inputs(self, why: str) -> None:
         for arg in self.tensor_inputs():
@@ -169,6 +170,31 @@ class RuleContext:
 
     def unlabeled_output(self) -> Label:
         return unlabeled(self.out)
+
+    def mark_producer(self, axis: AxisLabel) -> None:
+        """The elements of ``axis`` originate a structure (a layer's output channels): a group
+        without any such elements has nothing to remove."""
+        self._state.mark_producer(axis)
+
+    def mark_inexact(self, axis: AxisLabel, why: str) -> None:
+        """Pruning ``axis`` changes values beyond zeroing it (statistics over channels): the
+        verifier compares such groups approximately."""
+        self._state.mark_inexact(axis, why)
+
+    # ----- instructions for after shrinking -----------------------------------------------------
+    def record_width(self, path: str, attribute: str, axis: np.ndarray) -> None:
+        """``<path>.<attribute>`` states the width of ``axis``, which no tensor records: it is set to
+        the number of kept elements after pruning."""
+        self._state.record_width(path, attribute, axis)
+
+    def record_head_split(self, path: str, heads: Union[AxisLabel, int], dims: Union[AxisLabel, int]) -> None:
+        """The forward of module ``path`` splits a projection into (heads, head_dim): its head-count
+        and head-size attributes are rewritten after pruning (an int: that size never changes)."""
+        self._state.record_head_split(HeadSplit(path, heads, dims))
+
+    def bind_attribute(self, key: tuple, axis: np.ndarray) -> np.ndarray:
+        """The axis a size attribute (``key``) sizes: the first axis bound to it, else ``axis``."""
+        return self._state.bind_attribute(key, axis)
 
 
 def unlabeled(meta: Any) -> Label:

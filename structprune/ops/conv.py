@@ -9,13 +9,16 @@ other grouped convolution keeps its groups and narrows each alike: channel j of 
 """
 from __future__ import annotations
 
+from typing import Dict
+
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..graph.labels import AxisLabel
 from .context import RuleContext
-from .registry import rule
+from .registry import register_op, rule
 
 
 def _tie_positions(ctx: RuleContext, axis: np.ndarray, groups: int) -> None:
@@ -24,9 +27,9 @@ def _tie_positions(ctx: RuleContext, axis: np.ndarray, groups: int) -> None:
     ctx.unify(np.tile(blocks[0], groups - 1), blocks[1:].ravel())
 
 
-def convolution(ctx: RuleContext, x, w0: AxisLabel, w1: AxisLabel, bias: AxisLabel,
+def convolution(ctx: RuleContext, x, weight_dim0: AxisLabel, weight_dim1: AxisLabel, bias: AxisLabel,
                 groups: int, transposed: bool, spatial: int):
-    """Map labels through a convolution; ``w0``/``w1`` label the weight's first two dims."""
+    """Map labels through a convolution; ``weight_dim0``/``weight_dim1`` label the weight's first two dims."""
     x_meta = ctx.meta(x)
     x_label = ctx.tlabel(x)
     cax = 1 if x_meta.ndim == spatial + 2 else 0  # batched (N, C, ...) or unbatched (C, ...)
@@ -37,28 +40,28 @@ def convolution(ctx: RuleContext, x, w0: AxisLabel, w1: AxisLabel, bias: AxisLab
             ctx.freeze(axis, "spatial axis of a convolution input")
             out[i] = None
     if groups == 1:
-        in_axis, out_axis = (w0, w1) if transposed else (w1, w0)
+        in_axis, out_axis = (weight_dim0, weight_dim1) if transposed else (weight_dim1, weight_dim0)
         ctx.unify(x_label[cax], in_axis, c_in)
-    elif transposed or w0 is None:
+    elif transposed or weight_dim0 is None:
         ctx.freeze(x_label[cax], "grouped transposed convolution")
-        ctx.freeze(w0, "grouped transposed convolution")
-        ctx.freeze(w1, "grouped transposed convolution")
+        ctx.freeze(weight_dim0, "grouped transposed convolution")
+        ctx.freeze(weight_dim1, "grouped transposed convolution")
         return ctx.unlabeled_output()
     else:
         x_axis = x_label[cax] if x_label[cax] is not None else np.full(c_in, -1, np.int64)
         if c_in == groups:  # depthwise (with or without a channel multiplier): remove whole groups
-            blocks = np.concatenate([x_axis.reshape(groups, -1), w0.reshape(groups, -1)], axis=1)
+            blocks = np.concatenate([x_axis.reshape(groups, -1), weight_dim0.reshape(groups, -1)], axis=1)
             anchors = np.repeat(blocks[:, :1], blocks.shape[1] - 1, axis=1)
             ctx.unify(anchors.ravel(), blocks[:, 1:].ravel())
-            ctx.freeze(w1, "the single input position of a depthwise convolution")
+            ctx.freeze(weight_dim1, "the single input position of a depthwise convolution")
         else:  # keep the groups, shrink every group alike: position j of each group is one unit
             _tie_positions(ctx, x_axis, groups)
-            _tie_positions(ctx, w0, groups)
-            ctx.unify(w1, x_axis[:c_in // groups], c_in // groups)
-        out_axis = w0
+            _tie_positions(ctx, weight_dim0, groups)
+            ctx.unify(weight_dim1, x_axis[:c_in // groups], c_in // groups)
+        out_axis = weight_dim0
     out[cax] = out_axis
     ctx.attach(bias, out_axis)
-    ctx.state.mark_producer(out_axis)
+    ctx.mark_producer(out_axis)
     return tuple(out)
 
 
@@ -102,3 +105,43 @@ for _spatial, _fn, _aten in ((1, F.conv_transpose1d, "aten.conv_transpose1d"),
                              (2, F.conv_transpose2d, "aten.conv_transpose2d"),
                              (3, F.conv_transpose3d, "aten.conv_transpose3d")):
     rule(_fn, _aten)(_functional(_spatial, True))
+
+
+def conv_shape(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """Output of a (non-transposed) convolution on the meta device, from its attributes."""
+    k = len(module.kernel_size)
+    if isinstance(module.padding, str):
+        padding = [0] * k if module.padding == "valid" else None
+    else:
+        padding = module.padding
+    spatial = []
+    for i, size in enumerate(x.shape[-k:]):
+        if padding is None:  # "same"
+            spatial.append(size)
+            continue
+        span = module.dilation[i] * (module.kernel_size[i] - 1) + 1
+        spatial.append((size + 2 * padding[i] - span) // module.stride[i] + 1)
+    if min(spatial) <= 0 or x.shape[-k - 1] != module.in_channels:
+        raise RuntimeError("convolution does not fit its input")  # let the real op raise its own error
+    return x.new_empty(tuple(x.shape[:-k - 1]) + (module.out_channels,) + tuple(spatial))
+
+
+def update_conv(module: nn.modules.conv._ConvNd, old: Dict[str, tuple]) -> None:
+    """Re-derive channel counts (and a depthwise convolution's ``groups``) from the sliced weight."""
+    weight = module.weight
+    if module.groups > 1 and not module.transposed and old["weight"][1] == 1:
+        # depthwise: whole groups were removed, groups shrink with the output channels
+        module.groups = module.groups * weight.shape[0] // old["weight"][0]
+    if module.transposed:
+        module.in_channels, module.out_channels = weight.shape[0], weight.shape[1] * module.groups
+    else:
+        module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
+
+
+# element masks cover plain convolutions by default, not transposed ones
+register_op(nn.Conv1d, nn.Conv2d, nn.Conv3d, shape=conv_shape, weighted=True)
+register_op(*_CONV_SPATIAL, update=update_conv)
+# every convolution, lazy and custom subclasses included: its weight (out, in / groups, ...) reads its
+# input with dim 1; a transposed one stores (in, out / groups, ...)
+register_op(nn.modules.conv._ConvNd, width="out_channels", input_axes={"weight": 1})
+register_op(nn.modules.conv._ConvTransposeNd, input_axes={"weight": 0})

@@ -1,7 +1,8 @@
-"""Contractions over the last axis: Linear, Embedding, matmul."""
+"""``nn.Linear`` and ``F.linear``: the last axis is contracted with a weight (matmul and einsum live in
+``contraction.py``, embeddings in ``embedding.py``)."""
 from __future__ import annotations
 
-import operator
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,7 @@ from torch import nn
 
 from ..graph.labels import AxisLabel
 from .context import RuleContext
-from .registry import rule
+from .registry import register_op, rule
 
 
 def linear(ctx: RuleContext, x, w_out: AxisLabel, w_in: AxisLabel, bias: AxisLabel):
@@ -20,7 +21,7 @@ def linear(ctx: RuleContext, x, w_out: AxisLabel, w_in: AxisLabel, bias: AxisLab
         return ctx.unlabeled_output()
     ctx.unify(x_label[-1], w_in, ctx.meta(x).shape[-1])
     ctx.attach(bias, w_out)
-    ctx.state.mark_producer(w_out)
+    ctx.mark_producer(w_out)
     return tuple(x_label[:-1]) + (w_out,)
 
 
@@ -40,71 +41,17 @@ def linear_function(ctx: RuleContext, node):
     return linear(ctx, ctx.arg(0, "input"), w[0], w[1], b[0] if b else None)
 
 
-def embedding(ctx: RuleContext, indices, w_rows: AxisLabel, w_cols: AxisLabel):
-    ctx.freeze(ctx.label(indices), "indices fed to an embedding")
-    ctx.freeze(w_rows, "vocabulary axis of an embedding")
-    ctx.state.mark_producer(w_cols)
-    return (None,) * ctx.meta(indices).ndim + (w_cols,)
+def linear_shape(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Output of a linear layer on the meta device."""
+    if x.ndim == 0 or x.shape[-1] != module.in_features:
+        raise RuntimeError("linear layer does not fit its input")  # the real op raises the real error
+    return x.new_empty(x.shape[:-1] + (module.out_features,))
 
 
-@rule(nn.Embedding)
-def embedding_module(ctx: RuleContext, node):
-    return embedding(ctx, ctx.arg(0, "input"), ctx.module_param("weight", 0), ctx.module_param("weight", 1))
+def update_linear(module: nn.Linear, old: Dict[str, tuple]) -> None:
+    module.out_features, module.in_features = module.weight.shape
 
 
-@rule(F.embedding)
-def embedding_function(ctx: RuleContext, node):
-    w = ctx.tlabel(ctx.arg(1, "weight"))
-    return embedding(ctx, ctx.arg(0, "input"), w[0], w[1])
-
-
-@rule("aten.embedding")
-def embedding_aten(ctx: RuleContext, node):  # aten.embedding(weight, indices, ...)
-    w = ctx.tlabel(ctx.arg(0))
-    return embedding(ctx, ctx.arg(1), w[0], w[1])
-
-
-@rule(torch.matmul, torch.mm, torch.bmm, "aten.matmul", "aten.mm", "aten.bmm", ".matmul", ".mm", ".bmm",
-      operator.matmul)
-def matmul(ctx: RuleContext, node):
-    """(..., n, k) @ (..., k, m): k is contracted (both sides drop the same k), batch axes broadcast."""
-    a, b = ctx.arg(0), ctx.arg(1)
-    la, lb = ctx.tlabel(a), ctx.tlabel(b)
-    if len(la) < 2 or len(lb) < 2:
-        ctx.freeze_inputs("matrix-vector product")
-        return ctx.unlabeled_output()
-    ma, mb = ctx.meta(a), ctx.meta(b)
-    ctx.unify(la[-1], lb[-2], ma.shape[-1])
-    out_meta = ctx.out
-    batch = []
-    n_batch = out_meta.ndim - 2
-    for i in range(n_batch):
-        axes, size = [], out_meta.shape[i]
-        for lab, meta in ((la, ma), (lb, mb)):
-            j = i - (n_batch - (meta.ndim - 2))
-            if j >= 0 and meta.shape[j] == size:
-                axes.append(lab[j])
-            elif j >= 0 and lab[j] is not None:
-                ctx.freeze(lab[j], "broadcast batch axis of a matmul")
-        batch.append(ctx.unify_all(axes, size) if axes else None)
-    out = tuple(batch) + (la[-2], lb[-1])
-    ctx.state.mark_producer(lb[-1])
-    return out
-
-
-@rule(torch.addmm, "aten.addmm")
-def addmm(ctx: RuleContext, node):
-    """``bias + x @ W`` (Hugging Face's ``Conv1D``, used by GPT-2, stores W as (in, out))."""
-    bias, a, b = ctx.arg(0), ctx.arg(1), ctx.arg(2)
-    la, lb, lbias = ctx.tlabel(a), ctx.tlabel(b), ctx.tlabel(bias)
-    if len(la) != 2 or len(lb) != 2:
-        ctx.freeze_inputs("addmm of inputs that are not matrices")
-        return ctx.unlabeled_output()
-    ctx.unify(la[1], lb[0], ctx.meta(a).shape[1])
-    out_cols = lb[1]
-    if lbias and ctx.meta(bias).shape[-1] == ctx.out.shape[1]:
-        out_cols = ctx.unify_all([out_cols, lbias[-1]], ctx.out.shape[1])
-    if lbias and len(lbias) == 2:
-        ctx.freeze(lbias[0], "addmm with a row-wise bias")
-    ctx.state.mark_producer(out_cols)
-    return (la[0], out_cols)
+# the weight is (out, in): dim 1 reads the input features
+register_op(nn.Linear, shape=linear_shape, update=update_linear, width="out_features", input_axes={"weight": 1},
+            weighted=True)

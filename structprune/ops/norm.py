@@ -6,14 +6,15 @@ computes statistics across channels, so the pruned model only approximates the z
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from .context import RuleContext
-from .registry import rule
+from .registry import ShapeFunction, register_op, rule
 
 _STATS = ("weight", "bias", "running_mean", "running_var")
 
@@ -32,7 +33,7 @@ def _norm_module(ctx: RuleContext, x, cax: int) -> tuple:
     label = _per_channel(ctx, x, cax, members)
     if all(m is None for m in members) and label[cax] is not None:
         # no tensor records the width (affine=False, no running stats): keep num_features in step
-        ctx.state.widths.append((ctx.node.target, "num_features", label[cax]))
+        ctx.record_width(ctx.node.target, "num_features", label[cax])
     return label
 
 
@@ -71,16 +72,16 @@ def _layer_norm(ctx: RuleContext, x, normalized: int, weight_label, bias_label, 
     label = list(ctx.tlabel(x))
     ndim = len(label)
     axes = list(range(ndim - normalized, ndim))
-    for k, ax in enumerate(axes):
-        if label[ax] is None:
+    for k, axis in enumerate(axes):
+        if label[axis] is None:
             continue
         if frozen:
-            ctx.freeze(label[ax], frozen)
+            ctx.freeze(label[axis], frozen)
             continue
-        ctx.unify(label[ax], weight_label[k] if weight_label else None, ctx.meta(x).shape[ax])
+        ctx.unify(label[axis], weight_label[k] if weight_label else None, ctx.meta(x).shape[axis])
         if bias_label:
-            ctx.unify(label[ax], bias_label[k], ctx.meta(x).shape[ax])
-        ctx.state.mark_inexact(label[ax], "LayerNorm statistics span the pruned channels")
+            ctx.unify(label[axis], bias_label[k], ctx.meta(x).shape[axis])
+        ctx.mark_inexact(label[axis], "LayerNorm statistics span the pruned channels")
     return tuple(label)
 
 
@@ -167,5 +168,51 @@ def prelu_function(ctx: RuleContext, node):
 @rule(nn.LocalResponseNorm)
 def local_response_norm(ctx: RuleContext, node):
     label = ctx.tlabel(ctx.arg(0, "input"))
-    ctx.state.mark_inexact(label[1] if len(label) > 1 else None, "LocalResponseNorm mixes neighbouring channels")
+    ctx.mark_inexact(label[1] if len(label) > 1 else None, "LocalResponseNorm mixes neighbouring channels")
     return label
+
+
+# ---- shapes and metadata ---------------------------------------------------------------------------------
+def checked_same_shape(fits: Callable[[nn.Module, torch.Tensor], bool]) -> ShapeFunction:
+    """A shape function for a layer that keeps its input's shape, once ``fits`` says it accepts it."""
+
+    def shape(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not fits(module, x):
+            raise RuntimeError(f"{type(module).__name__} does not fit its input")  # the real op explains
+        return x
+
+    return shape
+
+
+def update_norm(module: nn.Module, old: Dict[str, tuple]) -> None:
+    """BatchNorm / InstanceNorm: ``num_features`` follows the affine weight or the running statistics."""
+    kept = module.weight if module.weight is not None else module.running_mean
+    if kept is not None:
+        module.num_features = kept.shape[0]
+
+
+def update_layer_norm(module: nn.LayerNorm, old: Dict[str, tuple]) -> None:
+    if module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+
+
+def update_group_norm(module: nn.GroupNorm, old: Dict[str, tuple]) -> None:
+    """Whole groups were removed: the group size stays, the group count shrinks."""
+    per_group = old["weight"][0] // module.num_groups
+    module.num_channels = module.weight.shape[0]
+    module.num_groups = module.num_channels // per_group
+
+
+def update_prelu(module: nn.PReLU, old: Dict[str, tuple]) -> None:
+    module.num_parameters = module.weight.numel()
+
+
+register_op(nn.modules.batchnorm._BatchNorm,
+            shape=checked_same_shape(lambda m, x: x.ndim >= 2 and x.shape[1] == m.num_features))
+register_op(nn.modules.batchnorm._NormBase, update=update_norm, width="num_features")
+register_op(nn.LayerNorm, update=update_layer_norm, shape=checked_same_shape(
+    lambda m, x: tuple(x.shape[x.ndim - len(m.normalized_shape):]) == tuple(m.normalized_shape)))
+register_op(nn.GroupNorm, update=update_group_norm, width="num_channels",
+            shape=checked_same_shape(lambda m, x: x.ndim >= 2 and x.shape[1] == m.num_channels))
+register_op(nn.PReLU, update=update_prelu, shape=checked_same_shape(
+    lambda m, x: m.num_parameters == 1 or (x.ndim >= 2 and x.shape[1] == m.num_parameters)))

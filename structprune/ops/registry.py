@@ -1,61 +1,332 @@
-"""The op-rule registry.
+"""The op registry: one :class:`OpSpec` per target, holding everything structprune knows about it.
 
-A rule is a small function ``rule(ctx: RuleContext, node) -> Label`` that maps the channel labels of
-a node's inputs to the label of its output, unifying, freezing or marking elements on the way.
-Rules are registered by *target*:
+A spec names its *target* and up to six facts about it:
 
-* a module class (``nn.Conv2d``): used for fx ``call_module`` nodes, including subclasses that
-  do not override ``forward``;
+* ``rule(ctx: RuleContext, node) -> Label``: maps the channel labels of a node's inputs to the label
+  of its output, unifying, freezing or marking elements on the way;
+* ``shape(module, *args) -> meta tensor``: the module's output computed without running it;
+* ``update(module, old_shapes)``: refreshes module metadata (``out_channels``...) after slicing;
+* ``width``: the attribute that states the layer's output width (``"out_channels"``);
+* ``input_axes``: parameter name -> the dim that consumes the input channels (``{"weight": 1}``);
+* ``weighted``: its ``weight`` is a default target of element masks.
+
+Targets are
+
+* a module class (``nn.Conv2d``), or its ``"module.QualName"`` string for a library that need not be
+  imported: used for fx ``call_module`` nodes and for the modules of a model;
 * a Python callable (``torch.flatten``, ``F.relu``, ``operator.add``): fx ``call_function``;
-* a method name string (``"view"``): fx ``call_method``; a trailing ``_`` (in-place) is ignored;
-* an ATen name string (``"aten.conv2d"``): torch.export ``call_function`` nodes.
+* a method name string (``".view"``): fx ``call_method``; a trailing ``_`` (in-place) is ignored;
+* an ATen name string (``"aten.conv2d"``): torch.export ``call_function`` nodes;
+* ``"namedtuple"``: building a named-tuple output container.
 
-A new layer type is one new rule, never an edit to the core.
+A new layer type is one new spec, never an edit to the core. Facts about a module class are
+resolved along its MRO: a rule or shape function only applies while the class still uses the
+``forward`` of the class it was registered for (a subclass that overrides ``forward`` may compute
+anything); updaters, widths, input axes and ``weighted`` apply to every subclass.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import contextlib
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    Union,
+)
 
 import torch
 from torch import fx, nn
 
-_MODULE_RULES: Dict[type, Callable] = {}
-_CALLABLE_RULES: Dict[object, Callable] = {}
-_NAME_RULES: Dict[str, Callable] = {}
+from ..errors import InvalidOptionError
+
+Rule = Callable[..., Any]
+ShapeFunction = Callable[..., torch.Tensor]
+Updater = Callable[[nn.Module, Dict[str, tuple]], None]
+Target = Any  # a module class, a callable, or one of the strings described above
+
+FIELDS = ("rule", "shape", "update", "width", "input_axes", "weighted")
+# facts that only hold while a subclass keeps the registered class's forward
+_FORWARD_BOUND = ("rule", "shape")
+STRICT_ENV = "STRUCTPRUNE_STRICT_RULES"
 
 
-def rule(*targets) -> Callable:
+@dataclass(frozen=True)
+class OpSpec:
+    """Everything structprune knows about one target (``None``: not stated for this target)."""
+
+    target: Target
+    rule: Optional[Rule] = None
+    shape: Optional[ShapeFunction] = None
+    update: Optional[Updater] = None
+    width: Optional[str] = None
+    input_axes: Optional[Mapping[str, int]] = None
+    weighted: Optional[bool] = None
+    doc: str = ""
+
+    @property
+    def name(self) -> str:
+        return target_name(self.target)
+
+    @property
+    def kind(self) -> str:
+        """``"module"``, ``"function"``, ``"method"``, ``"aten"`` or ``"container"``."""
+        return target_kind(self.target)
+
+    @property
+    def summary(self) -> str:
+        """``doc``, or the first line of the rule's docstring."""
+        text = self.doc or (getattr(self.rule, "__doc__", None) or "")
+        return text.strip().splitlines()[0] if text.strip() else ""
+
+
+_SPECS: Dict[Target, OpSpec] = {}
+_CLASS_NAMES: set = set()  # "module.QualName" keys, so lookups only format names when some exist
+_RESOLVED: Dict[type, OpSpec] = {}  # class -> its effective spec; cleared on every registration
+_QUIET = [0]  # > 0 inside override(): its own registrations do not warn
+_STRICT: List[Optional[bool]] = [None]  # None: follow the STRUCTPRUNE_STRICT_RULES environment variable
+
+
+# ---- targets ----------------------------------------------------------------------------------------------
+def target_kind(target: Target) -> str:
+    """``"module"``, ``"function"``, ``"method"``, ``"aten"`` or ``"container"`` (see the module docstring)."""
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        return "module"
+    if isinstance(target, str):
+        if target.startswith("aten."):
+            return "aten"
+        if target.startswith("."):
+            return "method"
+        return "container" if target == "namedtuple" else "module"
+    return "function"
+
+
+def target_name(target: Target) -> str:
+    """A readable name: ``torch.nn.modules.conv.Conv2d``, ``torch.nn.functional.relu``, ``.view``."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, type):
+        return f"{target.__module__}.{target.__qualname__}"
+    module = getattr(target, "__module__", None) or ""
+    return f"{module}.{getattr(target, '__name__', repr(target))}".lstrip(".")
+
+
+def _aten_exists(name: str) -> bool:
+    try:
+        getattr(torch.ops.aten, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def aten_forms(names: Iterable[str]) -> Tuple[str, ...]:
+    """``"aten.<name>"`` for each of ``names`` that ATen defines: the export forms of a list of
+    method names (``x.float()`` has no ATen operator of its own)."""
+    return tuple("aten." + name for name in names if _aten_exists(name))
+
+
+def _checked(target: Target) -> Target:
+    """The target as a registry key, or a clear error saying what a target may be."""
+    if isinstance(target, str):
+        if target.startswith("aten.") and not _aten_exists(target[5:]):
+            raise InvalidOptionError(f"{target!r} names no ATen operator (torch.ops.aten has no {target[5:]!r}); "
+                                     f"use a name from torch.ops.aten, or register the Python callable instead")
+        if not (target.startswith(".") or target == "namedtuple" or "." in target.strip(".")):
+            raise InvalidOptionError(f"target {target!r} is not '.method', 'aten.op' or 'module.ClassName'")
+        return target
+    try:
+        hash(target)
+    except TypeError:
+        raise InvalidOptionError(f"target {target!r} is not hashable, so it cannot be looked up") from None
+    return target
+
+
+# ---- registration -----------------------------------------------------------------------------------------
+def register_op(*targets: Target, doc: str = "", **facts: Any) -> None:
+    """Record ``facts`` (any of :data:`FIELDS`) for every target; facts left out keep their value.
+
+    Replacing a fact a target already has with a different one warns: two rules for one target
+    are usually a mistake, and the one registered last silently wins (use :func:`override` in tests).
+    """
+    unknown = sorted(set(facts) - set(FIELDS))
+    if unknown:
+        raise InvalidOptionError(f"unknown op facts {unknown}; an OpSpec states {list(FIELDS)}")
+    given = {name: value for name, value in facts.items() if value is not None}
+    for target in targets:
+        key = _checked(target)
+        old = _SPECS.get(key) or OpSpec(key)
+        replaced = [name for name, value in given.items() if getattr(old, name) not in (None, value)]
+        if replaced and not _QUIET[0]:
+            warnings.warn(f"{target_name(key)}: registering a new {' and '.join(replaced)} replaces the one "
+                          f"registered before", stacklevel=3)
+        _SPECS[key] = dataclasses.replace(old, doc=doc or old.doc, **given)
+        if isinstance(key, str) and target_kind(key) == "module":
+            _CLASS_NAMES.add(key)
+    _RESOLVED.clear()
+
+
+def rule(*targets: Target) -> Callable[[Rule], Rule]:
     """Register the decorated function as the rule for every given target."""
 
-    def register(fn: Callable) -> Callable:
-        for target in targets:
-            if isinstance(target, type) and issubclass(target, nn.Module):
-                _MODULE_RULES[target] = fn
-            elif isinstance(target, str):
-                _NAME_RULES[target] = fn
-            else:
-                _CALLABLE_RULES[target] = fn
+    def register(fn: Rule) -> Rule:
+        register_op(*targets, rule=fn)
         return fn
 
     return register
 
 
-def module_rule(module: nn.Module) -> Optional[Callable]:
-    """The rule of the closest registered class whose ``forward`` the module still uses."""
-    cls = type(module)
+def updater(*classes: Target) -> Callable[[Updater], Updater]:
+    """Register ``fn(module, old_shapes)`` to refresh metadata of ``classes`` after slicing. A class
+    may be given as its ``"module.QualName"`` string, so a library need not be imported to register."""
+
+    def register(fn: Updater) -> Updater:
+        register_op(*classes, update=fn)
+        return fn
+
+    return register
+
+
+@contextlib.contextmanager
+def override(*targets: Target, **facts: Any) -> Iterator[None]:
+    """Within the block, ``targets`` have ``facts`` (without the overwrite warning); on exit the
+    registry is as before, whatever was registered inside. With no targets it only restores:
+
+    >>> with override(torch.fliplr, rule=my_fliplr_rule):
+    ...     sp.slim(model, x, 0.5)
+    """
+    saved, saved_names = dict(_SPECS), set(_CLASS_NAMES)
+    try:
+        _QUIET[0] += 1
+        try:
+            if targets:
+                register_op(*targets, **facts)
+        finally:
+            _QUIET[0] -= 1
+        yield
+    finally:
+        _SPECS.clear()
+        _SPECS.update(saved)
+        _CLASS_NAMES.clear()
+        _CLASS_NAMES.update(saved_names)
+        _RESOLVED.clear()
+
+
+def list_ops(kind: Optional[str] = None) -> List[OpSpec]:
+    """Every registered spec (of one ``kind``: ``"module"``, ``"function"``, ``"method"``, ``"aten"``,
+    ``"container"``), sorted by kind and name."""
+    specs = [spec for spec in _SPECS.values() if kind is None or spec.kind == kind]
+    return sorted(specs, key=lambda spec: (spec.kind, spec.name))
+
+
+# ---- strict rules -----------------------------------------------------------------------------------------
+def rules_are_strict() -> bool:
+    """Should a rule that raises fail the analysis instead of freezing its channels?"""
+    if _STRICT[0] is not None:
+        return _STRICT[0]
+    return os.environ.get(STRICT_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def strict_rules(enabled: bool = True) -> Iterator[None]:
+    """Within the block a rule that raises (or returns a wrongly shaped label) fails loudly, as in
+    development and tests; ``strict_rules(False)`` restores the lenient default (freeze and go on)
+    even where ``STRUCTPRUNE_STRICT_RULES=1`` is set."""
+    previous = _STRICT[0]
+    _STRICT[0] = enabled
+    try:
+        yield
+    finally:
+        _STRICT[0] = previous
+
+
+# ---- module classes ---------------------------------------------------------------------------------------
+def _own_specs(base: type) -> List[OpSpec]:
+    found = [_SPECS[base]] if base in _SPECS else []
+    if _CLASS_NAMES:
+        named = _SPECS.get(f"{base.__module__}.{base.__qualname__}")
+        if named is not None:
+            found.append(named)
+    return found
+
+
+def _resolve(cls: type) -> OpSpec:
+    facts: Dict[str, Any] = {}
     for base in cls.__mro__:
-        fn = _MODULE_RULES.get(base)
-        if fn is not None:
-            return fn if cls.forward is base.forward else None
-        if base is nn.Module:
-            return None
-    return None
+        for spec in _own_specs(base):
+            for name in FIELDS:
+                value = getattr(spec, name)
+                if name in facts or value is None:
+                    continue
+                # a subclass with its own forward may compute anything: the formula does not hold
+                bound = name in _FORWARD_BOUND and getattr(cls, "forward") is not getattr(base, "forward")
+                facts[name] = None if bound else value
+    return OpSpec(cls, **{name: value for name, value in facts.items() if value is not None})
+
+
+def module_spec(module: Union[nn.Module, type, None]) -> OpSpec:
+    """The facts that hold for ``module`` (or a module class), each from its closest registered class."""
+    cls = module if isinstance(module, type) else type(module)
+    spec = _RESOLVED.get(cls)
+    if spec is None:
+        spec = _RESOLVED[cls] = _resolve(cls)
+    return spec
+
+
+def module_rule(module: nn.Module) -> Optional[Rule]:
+    """The label rule of a module call (None: its channels are frozen, or fx traces into it)."""
+    return module_spec(module).rule
 
 
 def has_module_rule(module: nn.Module) -> bool:
-    return module_rule(module) is not None
+    """Does a rule cover the module? Then capture keeps it as one leaf node instead of tracing into it."""
+    return module_spec(module).rule is not None
 
 
+def shape_function_for(module: nn.Module) -> Optional[ShapeFunction]:
+    """The formula for the module's output on the meta device (None: run it on meta tensors)."""
+    return module_spec(module).shape
+
+
+def find_updater(module: nn.Module) -> Optional[Updater]:
+    """What refreshes the module's metadata after its tensors were sliced (None: nothing to refresh)."""
+    return module_spec(module).update
+
+
+def input_axis(module: Optional[nn.Module], attribute: str) -> Optional[int]:
+    """The dim of ``module.<attribute>`` that consumes the input channels (None: it reads none)."""
+    if module is None:
+        return None
+    axes = module_spec(module).input_axes
+    return None if axes is None else axes.get(attribute)
+
+
+def width_of(module: nn.Module) -> Optional[int]:
+    """The layer's output width (``out_channels``, ``out_features``...), None for other modules."""
+    attribute = module_spec(module).width
+    return None if attribute is None else getattr(module, attribute, None)
+
+
+def is_weighted(module: nn.Module) -> bool:
+    """Is the module's ``weight`` a default target of element masks?"""
+    return bool(module_spec(module).weighted)
+
+
+def weighted_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """``(name, module)`` of every weighted layer (see :func:`is_weighted`) that has a weight."""
+    return [(name, m) for name, m in model.named_modules()
+            if is_weighted(m) and getattr(m, "weight", None) is not None]
+
+
+# ---- graph nodes ------------------------------------------------------------------------------------------
 # In-place variants of these change the *shape* of a tensor other nodes still refer to: no rule
 # can relabel those earlier references, so they stay unknown (their channels are frozen).
 _INPLACE_RESHAPES = {"transpose", "t", "unsqueeze", "squeeze", "resize", "resize_as", "as_strided", "swapaxes",
@@ -68,23 +339,28 @@ def _strip_inplace(name: str) -> str:
     return name
 
 
-def lookup(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Callable]:
+def _rule_of(key: Any) -> Optional[Rule]:
+    spec = _SPECS.get(key)
+    return None if spec is None else spec.rule
+
+
+def lookup(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Rule]:
     """Find the rule for an fx node (None: no rule, the node's channels get frozen)."""
     if node.op == "call_module":
-        return module_rule(modules[node.target])
+        return module_rule(modules[str(node.target)])
     if node.op == "call_method":
-        return _NAME_RULES.get("." + _strip_inplace(node.target))
+        return _rule_of("." + _strip_inplace(str(node.target)))
     if node.op == "call_function":
         target = node.target
         if isinstance(target, torch._ops.OpOverload):
             name = target.overloadpacket.__name__
-            return _NAME_RULES.get("aten." + name) or _NAME_RULES.get("aten." + _strip_inplace(name))
+            return _rule_of("aten." + name) or _rule_of("aten." + _strip_inplace(name))
         if isinstance(target, torch._ops.OpOverloadPacket):
-            return _NAME_RULES.get("aten." + _strip_inplace(target.__name__))
+            return _rule_of("aten." + _strip_inplace(target.__name__))
         if isinstance(target, type) and issubclass(target, tuple) and hasattr(target, "_fields"):
-            return _NAME_RULES.get("namedtuple")  # output containers such as GoogLeNetOutputs
+            return _rule_of("namedtuple")  # output containers such as GoogLeNetOutputs
         try:
-            return _CALLABLE_RULES.get(target)
+            return _rule_of(target)
         except TypeError:  # unhashable target
             return None
     return None
@@ -93,9 +369,9 @@ def lookup(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Callable]:
 def op_name(node: fx.Node, modules: Dict[str, nn.Module]) -> str:
     """A readable name of a node's operation, used in reports."""
     if node.op == "call_module":
-        return type(modules[node.target]).__qualname__
+        return type(modules[str(node.target)]).__qualname__
     if node.op == "call_method":
-        return "Tensor." + node.target
+        return "Tensor." + str(node.target)
     target = node.target
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return str(target)

@@ -5,25 +5,26 @@ copy of the model that lives on the meta device (no memory, no arithmetic), prun
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+import math
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
 
-from ..surgery.copying import deep_copy_module
+from ..errors import StructPruneError
 from ..graph.dependency_graph import DependencyGraph
-from ..tools.metrics import count_macs
-from .planner import Plan
+from ..options import TARGETS, PlanOptions, check_choice
+from ..surgery.copying import meta_twin
 from ..surgery.shrink import shrunk_copy
-
-TARGETS = ("params", "macs")
+from ..tools.metrics import count_macs
+from .planner import Plan, Planner
 
 
 def params_removed(dg: DependencyGraph, model: nn.Module) -> Callable[[Plan], float]:
     """A function: plan -> fraction of the model's parameters the plan removes."""
     cuts: Dict[str, List] = {}
-    for (name, dim), space in dg.state.axis_spaces.items():
-        cuts.setdefault(name, []).append(space)
+    for space in dg.spaces:
+        cuts.setdefault(space.tensor, []).append(space)
     params = {id(p): (name, p) for name, p in model.named_parameters()}
     total = sum(p.numel() for _, p in params.values())
 
@@ -42,11 +43,7 @@ def params_removed(dg: DependencyGraph, model: nn.Module) -> Callable[[Plan], fl
 
 def macs_removed(dg: DependencyGraph, model: nn.Module) -> Callable[[Plan], float]:
     """A function: plan -> fraction of one forward pass's MACs the plan removes (FlopCounterMode)."""
-    memo: Dict[int, Any] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        meta = t.detach().to("meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    meta_model = deep_copy_module(model, memo)
+    meta_model = meta_twin(model)
     to_meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v  # noqa: E731
     inputs = dg.inputs
     example = {k: to_meta(v) for k, v in inputs.kwargs.items()} if inputs.kwargs else \
@@ -60,12 +57,36 @@ def macs_removed(dg: DependencyGraph, model: nn.Module) -> Callable[[Plan], floa
     return fraction
 
 
+MEASURES: Dict[str, Callable[[DependencyGraph, nn.Module], Callable[[Plan], float]]] = {
+    "params": params_removed, "macs": macs_removed}
+
+
 def removed_fraction(kind: str, dg: DependencyGraph, model: nn.Module) -> Callable[[Plan], float]:
-    if kind == "params":
-        return params_removed(dg, model)
-    if kind == "macs":
-        return macs_removed(dg, model)
-    raise ValueError(f"target must name one of {TARGETS}, not {kind!r}")
+    """A function: plan -> fraction of the ``kind`` budget it removes (``kind``: a key of
+    :data:`~structprune.options.TARGETS`)."""
+    return MEASURES[check_choice("target", kind, TARGETS)](dg, model)
 
 
-__all__ = ["TARGETS", "macs_removed", "params_removed", "removed_fraction"]
+def search_target(planner: Planner, options: PlanOptions, removed_fraction: Callable[[Plan], float],
+                  target: float, tolerance: float = 0.005, steps: int = 24) -> Tuple[Plan, float]:
+    """Bisect on ``options.ratio`` until ``removed_fraction(plan)`` is within ``tolerance`` of ``target``.
+
+    Returns the plan and the fraction it removes; raises when even the largest ratio falls short.
+    """
+    low, high = 0.0, 1.0
+    best: Tuple[float, Plan, float] = (math.inf, Plan(), 0.0)
+    for _ in range(steps):
+        ratio = (low + high) / 2
+        plan = planner.plan(options.with_ratio(ratio))
+        achieved = removed_fraction(plan)
+        if abs(achieved - target) < best[0]:
+            best = (abs(achieved - target), plan, achieved)
+        if abs(achieved - target) <= tolerance:
+            break
+        low, high = (ratio, high) if achieved < target else (low, ratio)
+    if best[0] > 0.01:
+        most = removed_fraction(planner.plan(options.with_ratio(1.0)))
+        raise StructPruneError(f"cannot reach the target: removing {target:.1%} was asked, the closest plan "
+                               f"removes {best[2]:.1%} (at most {most:.1%} is removable with these settings)")
+    return best[1], best[2]
+

@@ -16,20 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..surgery.copying import deep_copy_module
-from ..graph.dependency_graph import DependencyGraph
-from ..surgery.shrink import shrunk_copy
 from ..graph.capture import eval_mode
-
-
-def meta_twin(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers live on the meta device."""
-    memo: Dict[int, object] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in memo:
-            meta = t.detach().to("meta")
-            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return deep_copy_module(model, memo)
+from ..graph.dependency_graph import DependencyGraph
+from ..surgery.copying import meta_twin
+from ..surgery.shrink import shrunk_copy
 
 
 def _to_meta(value):
@@ -67,7 +57,7 @@ def groups_that_break(model: nn.Module, dg: DependencyGraph, drops: Dict[int, np
         twin = meta_twin(model)
     except Exception:  # a model that cannot be copied to meta: leave it to verification
         return {}
-    nothing = np.zeros(dg.state.n_elements, bool)
+    nothing = np.zeros(dg.n_elements, bool)
     if _runs(twin, dg, nothing) is not None:
         return {}
     order: List[int] = list(drops)

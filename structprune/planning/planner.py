@@ -17,20 +17,19 @@ lets :func:`search_target` bisect on the ratio to hit a parameter or MAC budget.
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch import nn
 
-from ..scoring.criteria import NORMALIZATIONS, Criterion, ScoringContext, normalize
-from ..errors import InvalidRatioError, StructPruneError
+from ..errors import StructPruneError
 from ..graph.dependency_graph import DependencyGraph, Group
-
-SCOPES = ("local", "global")
+from ..ops.registry import input_axis
+from ..options import PlanOptions
+from ..scoring import Criterion, ScoringContext, normalize
 
 
 @dataclass
@@ -41,7 +40,7 @@ class Plan:
 
     def element_mask(self, dg: DependencyGraph) -> np.ndarray:
         """Boolean per channel element: True where the element is removed."""
-        dropped_root = np.zeros(dg.state.n_elements, bool)
+        dropped_root = np.zeros(dg.n_elements, bool)
         for gid, units in self.drops.items():
             dropped_root[dg.groups[gid].unit_roots[units]] = True
         return dropped_root[dg.unit_root]
@@ -49,34 +48,6 @@ class Plan:
     @property
     def n_dropped(self) -> int:
         return int(sum(len(u) for u in self.drops.values()))
-
-
-@dataclass
-class PlanOptions:
-    """How much to remove and where (see the module docstring)."""
-
-    ratio: float = 0.5
-    scope: str = "local"
-    max_group_ratio: float = 1.0
-    round_to: Optional[int] = None
-    ignore: Sequence[Any] = ()
-    ratios: Dict[str, float] = field(default_factory=dict)
-    normalize: Optional[str] = "mean"
-    hidden: bool = True
-    # layer name -> width before any pruning: ``ratio`` then counts from those widths, so a schedule's
-    # cumulative targets are met exactly step after step (see schedules.Pruner)
-    reference_widths: Optional[Dict[str, int]] = None
-
-    def __post_init__(self):
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, not {self.scope!r}")
-        for name, value in [("max_group_ratio", self.max_group_ratio)] + list(self.ratios.items()):
-            if not 0 <= value <= 1:
-                raise InvalidRatioError(f"{name} must be in [0, 1], got {value}")
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {self.normalize!r}")
-        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
-            raise ValueError(f"round_to must be a positive integer, got {self.round_to!r}")
 
 
 @dataclass
@@ -88,15 +59,6 @@ class _Layer:
     units: np.ndarray  # candidate unit indices (not frozen, not ignored)
     width: int  # all units the layer produces, frozen ones included
     channels_per_unit: int = 1  # a head is head_dim channels of its projection
-
-
-def _reads_inputs(module: Optional[nn.Module], attribute: str, dim: int) -> bool:
-    """Is this the input-channel axis of a contraction? An ignored layer still follows its inputs."""
-    if attribute != "weight":
-        return False
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return dim == (0 if module.transposed else 1)
-    return isinstance(module, nn.Linear) and dim == 1
 
 
 def _matches(module_name: str, module: nn.Module, rule: Any) -> bool:
@@ -136,7 +98,8 @@ class Planner:
             for space, index in zip(group.spaces, group.unit_index):
                 owner, _, attribute = space.tensor.rpartition(".")
                 module = modules.get(owner)
-                if not _reads_inputs(module, attribute, space.dim) and any(
+                # an ignored layer keeps its own channels but still follows a narrower input
+                if input_axis(module, attribute) != space.dim and any(
                         _matches(owner, module, rule) for rule in ignore):
                     excluded[index] = True
             for origin in np.unique(group.unit_origin):
@@ -194,8 +157,8 @@ class Planner:
         caps = np.array([min(math.floor(options.max_group_ratio * len(layer.units) + 1e-9), layer.width - 1)
                          for layer, _ in pooled])
         # ties (e.g. freshly initialised BN scales, all 1) are shared out in proportion to layer size
-        relative_rank = np.concatenate([np.argsort(np.argsort(normalized[layer.units], kind="stable")) / len(layer.units)
-                                        for layer, normalized in pooled])
+        relative_rank = np.concatenate([np.argsort(np.argsort(normalized[layer.units], kind="stable"))
+                                        / len(layer.units) for layer, normalized in pooled])
         quota = math.floor(options.ratio * len(units) + 1e-9)
         if options.reference_widths:  # a fraction of the original total, minus what earlier steps took
             original = sum(options.reference_widths.get(layer.name, layer.width) for layer, _ in pooled)
@@ -240,31 +203,3 @@ def _as_numpy(scores: Any) -> np.ndarray:
     if hasattr(scores, "detach"):
         return scores.detach().cpu().double().numpy()
     return np.asarray(scores)
-
-
-def search_target(planner: Planner, options: PlanOptions, removed_fraction: Callable[[Plan], float],
-                  target: float, tolerance: float = 0.005, steps: int = 24) -> Tuple[Plan, float]:
-    """Bisect on ``options.ratio`` until ``removed_fraction(plan)`` is within ``tolerance`` of ``target``.
-
-    Returns the plan and the fraction it removes; raises when even the largest ratio falls short.
-    """
-    low, high = 0.0, 1.0
-    best: Tuple[float, Plan, float] = (math.inf, Plan(), 0.0)
-    for _ in range(steps):
-        ratio = (low + high) / 2
-        plan = planner.plan(_with_ratio(options, ratio))
-        achieved = removed_fraction(plan)
-        if abs(achieved - target) < best[0]:
-            best = (abs(achieved - target), plan, achieved)
-        if abs(achieved - target) <= tolerance:
-            break
-        low, high = (ratio, high) if achieved < target else (low, ratio)
-    if best[0] > 0.01:
-        most = removed_fraction(planner.plan(_with_ratio(options, 1.0)))
-        raise StructPruneError(f"cannot reach the target: removing {target:.1%} was asked, the closest plan "
-                               f"removes {best[2]:.1%} (at most {most:.1%} is removable with these settings)")
-    return best[1], best[2]
-
-
-def _with_ratio(options: PlanOptions, ratio: float) -> PlanOptions:
-    return dataclasses.replace(options, ratio=ratio)

@@ -84,3 +84,13 @@ def deep_copy_module(module: nn.Module, memo: Dict[int, Any] = None) -> nn.Modul
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
     return new
+
+
+def meta_twin(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers live on the meta device."""
+    memo: Dict[int, object] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in memo:
+            meta = t.detach().to("meta")
+            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return deep_copy_module(model, memo)

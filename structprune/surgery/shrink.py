@@ -1,114 +1,30 @@
 """Physical shrinking: slice parameters and buffers, then fix module metadata.
 
 Generic part: every channel space whose elements are partly dropped is ``index_select``-ed on its
-dim (parameters stay ``nn.Parameter`` with their ``requires_grad``). Per-class *updaters* then
-re-derive metadata (``out_channels``, ``groups``, ``num_features``...) from the new shapes.
-Register an updater for a new layer type with :func:`updater`.
+dim (parameters stay ``nn.Parameter`` with their ``requires_grad``). Per-class *updaters* (in the op
+registry, next to each layer's rule: ``structprune.updater``) then re-derive metadata
+(``out_channels``, ``groups``, ``num_features``...) from the new shapes.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .size_attributes import refresh_size_attributes
-from .copying import deep_copy_module
 from ..graph.dependency_graph import DependencyGraph
-
-Updater = Callable[[nn.Module, Dict[str, tuple]], None]
-_UPDATERS: Dict[object, Updater] = {}
-
-
-def updater(*classes):
-    """Register ``fn(module, old_shapes)`` to refresh metadata of ``classes`` after slicing. A class
-    may be given as its ``"module.QualName"`` string, so a library need not be imported to register."""
-
-    def register(fn: Updater) -> Updater:
-        for cls in classes:
-            _UPDATERS[cls] = fn
-        return fn
-
-    return register
-
-
-def _find_updater(module: nn.Module):
-    for base in type(module).__mro__:
-        fn = _UPDATERS.get(base) or _UPDATERS.get(f"{base.__module__}.{base.__qualname__}")
-        if fn is not None:
-            return fn
-    return None
-
-
-@updater(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-def _conv(m, old):
-    w = m.weight
-    if m.groups > 1 and not m.transposed and old["weight"][1] == 1:
-        # depthwise: whole groups were removed, groups shrink with the output channels
-        m.groups = m.groups * w.shape[0] // old["weight"][0]
-    if m.transposed:
-        m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
-    else:
-        m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
-
-
-@updater(nn.Linear)
-def _linear(m, old):
-    m.out_features, m.in_features = m.weight.shape
-
-
-@updater(nn.modules.batchnorm._NormBase)
-def _norm(m, old):
-    t = m.weight if m.weight is not None else m.running_mean
-    if t is not None:
-        m.num_features = t.shape[0]
-
-
-@updater(nn.LayerNorm)
-def _layer_norm(m, old):
-    if m.weight is not None:
-        m.normalized_shape = tuple(m.weight.shape)
-
-
-@updater(nn.GroupNorm)
-def _group_norm(m, old):
-    per_group = old["weight"][0] // m.num_groups
-    m.num_channels = m.weight.shape[0]
-    m.num_groups = m.num_channels // per_group
-
-
-@updater(nn.MultiheadAttention)
-def _multihead_attention(m, old):
-    head_dim = m.embed_dim // m.num_heads
-    rows = (m.in_proj_weight.shape[0] // 3) if m.in_proj_weight is not None else m.q_proj_weight.shape[0]
-    m.embed_dim = m.kdim = m.vdim = rows
-    m.num_heads = rows // head_dim
-    m.head_dim = head_dim
-
-
-@updater("transformers.pytorch_utils.Conv1D")
-def _hf_conv1d(m, old):
-    """Hugging Face's Conv1D (GPT-2) stores its weight as (in, out) and reshapes with ``self.nf``."""
-    m.nx, m.nf = m.weight.shape
-
-
-@updater(nn.PReLU)
-def _prelu(m, old):
-    m.num_parameters = m.weight.numel()
-
-
-@updater(nn.Embedding)
-def _embedding(m, old):
-    m.num_embeddings, m.embedding_dim = m.weight.shape
+from ..ops.registry import find_updater
+from .copying import deep_copy_module
+from .size_attributes import refresh_size_attributes
 
 
 def sliced_tensors(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> Dict[int, torch.Tensor]:
     """New, smaller tensors for every parameter/buffer of ``model`` that loses channels, keyed by
     ``id`` of the tensor they replace. Parameters stay ``nn.Parameter`` with their ``requires_grad``."""
     cuts: Dict[str, List[Tuple[int, np.ndarray]]] = {}
-    for space in dg.state.spaces:
+    for space in dg.spaces:
         gone = space.of(dropped)
         if gone.any():
             cuts.setdefault(space.tensor, []).append((space.dim, np.flatnonzero(~gone)))
@@ -138,14 +54,14 @@ def _slots(model: nn.Module):
 def _refresh_metadata(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray,
                       touched: Dict[nn.Module, Dict[str, tuple]], notes: Optional[List[str]]) -> None:
     for module, old_shapes in touched.items():
-        update = _find_updater(module)
+        update = find_updater(module)
         if update is not None:
             update(module, old_shapes)
     # head splits compare attributes with their original values: rewrite those before anything else
-    for note in refresh_size_attributes(model, dg.state.head_splits, dropped, touched):
+    for note in refresh_size_attributes(model, dg.head_splits, dropped, touched):
         if notes is not None and note not in notes:
             notes.append(note)
-    for path, attribute, elements in dg.state.widths:  # widths no tensor records
+    for path, attribute, elements in dg.widths:  # widths no tensor records
         kept = int((~dropped[elements[elements >= 0]]).sum() + (elements < 0).sum())
         setattr(model.get_submodule(path), attribute, kept)
 

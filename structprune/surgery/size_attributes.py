@@ -3,8 +3,8 @@
 
 Model code reads them to reshape activations (``x.view(B, N, self.num_heads, self.head_dim)``), and
 Hugging Face code reads its ``config`` to build caches and to save and reload. After pruning they
-must describe the smaller tensors. Which integer means what is told by its *name*: the table below
-maps names to *roles*, and :func:`register_size_attribute` adds names for other codebases.
+must describe the smaller tensors. Which integer means what is told by its *name*: the table in
+``ops/size_names.py`` maps names to *roles*, and :func:`register_size_attribute` adds names.
 
 Two sources of truth refresh them:
 
@@ -21,72 +21,15 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..graph.labels import AxisLabel
-
-SIZE_ATTRIBUTES: Dict[str, set] = {
-    "heads": {"num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "num_kv_heads",
-              "n_kv_heads", "multi_query_group_num", "nheads"},
-    "head_dim": {"head_dim", "attention_head_size", "head_size", "d_head", "dim_head", "d_kv"},
-    "attention_width": {"all_head_size", "split_size", "attn_dim", "inner_dim", "inner_size"},
-    "ffn": {"intermediate_size", "n_inner", "ffn_dim", "d_ff", "dim_feedforward", "mlp_dim", "hidden_dim",
-            "encoder_ffn_dim", "decoder_ffn_dim"},
-    "hidden": {"hidden_size", "n_embd", "d_model", "dim", "embed_dim", "word_embed_proj_dim", "hidden_dim"},
-}
-
-
-def register_size_attribute(role: str, name: str) -> None:
-    """Teach structprune that attribute ``name`` holds a size of kind ``role`` (one of ``SIZE_ATTRIBUTES``)."""
-    if role not in SIZE_ATTRIBUTES:
-        raise ValueError(f"role must be one of {sorted(SIZE_ATTRIBUTES)}, not {role!r}")
-    SIZE_ATTRIBUTES[role].add(name)
-
-
-def role_of(name: str) -> Optional[str]:
-    """The first role naming ``name`` (``hidden_dim`` is a feed-forward width in Hugging Face configs)."""
-    for role, names in SIZE_ATTRIBUTES.items():
-        if name in names:
-            return role
-    return None
-
-
-def size_attributes(module: nn.Module, value: int, roles: Iterable[str]) -> List[str]:
-    """Names (``"num_heads"``, ``"config.num_attention_heads"``) of the ``roles`` attributes of
-    ``module`` and of its ``config`` whose current value is ``value``."""
-    roles = set(roles)
-    found = []
-    for prefix, owner in (("", module), ("config.", getattr(module, "config", None))):
-        if owner is None or (prefix and isinstance(owner, nn.Module)):
-            continue
-        for name, v in _int_attributes(owner):
-            if v == value and any(name in SIZE_ATTRIBUTES[role] for role in roles):
-                found.append(prefix + name)
-    return found
-
-
-def _int_attributes(owner: Any):
-    items = vars(owner).items() if hasattr(owner, "__dict__") else ()
-    for name, v in items:
-        if isinstance(v, int) and not isinstance(v, bool) and not name.startswith("_"):
-            yield name, v
-
-
-@dataclass
-class HeadSplit:
-    """A projection split into heads inside the forward of module ``path``.
-
-    ``heads``/``dims`` are the element labels of the head and head-dim axes when that axis is the one
-    pruning shortens (an int: its size never changes)."""
-
-    path: str
-    heads: Union[AxisLabel, int]
-    dims: Union[AxisLabel, int]
+from ..graph.labels import AxisLabel, HeadSplit
+from ..ops.registry import input_axis
+from ..ops.size_names import SIZE_ATTRIBUTES, int_attributes, role_of
 
 
 def _kept(axis: Union[AxisLabel, int], dropped: np.ndarray) -> int:
@@ -111,7 +54,7 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
         width = (heads[0] * dims[0], heads[1] * dims[1])
         for role, (old, new) in (("heads", heads), ("head_dim", dims), ("attention_width", width)):
             facts[role].append((old, new))
-            for name, value in _int_attributes(module):
+            for name, value in int_attributes(module):
                 if value == old and role_of(name) == role:
                     updates.setdefault((split.path, name), set()).add(new)
     notes = []
@@ -124,7 +67,7 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
             if isinstance(module, nn.Embedding) and name == "weight":
                 facts["hidden"].append((old[1], new[1]))
             elif len(old) == 2:
-                out = 1 if type(module).__name__ == "Conv1D" else 0  # GPT-2's Conv1D stores W transposed
+                out = 1 if input_axis(module, name) == 0 else 0  # GPT-2's Conv1D stores W as (in, out)
                 if old[out] != new[out]:
                     facts["ffn"].append((old[out], new[out]))
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
@@ -140,7 +83,7 @@ def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]]) 
                if c is not None and not isinstance(c, nn.Module) and hasattr(c, "__dict__")}
     for config in configs.values():
         derived_head_dim = _head_dim(config)
-        for name, value in list(_int_attributes(config)):
+        for name, value in list(int_attributes(config)):
             role = role_of(name)
             if role is None or role == "attention_width":
                 continue

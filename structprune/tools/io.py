@@ -23,17 +23,13 @@ from typing import Any, Callable, Dict, Union
 import torch
 from torch import nn
 
-from ..errors import StructPruneError
+from ..errors import LoadError
 
 FORMAT = "structprune"
 VERSION = 1
 PLAN_FILE = "structprune.json"
 WEIGHTS_FILE = "model.safetensors"
 _PLAIN = (int, float, bool, str, type(None))
-
-
-class LoadError(StructPruneError):
-    """A saved model that cannot be loaded: missing, malformed, truncated or for another model."""
 
 
 def _plain(value: Any) -> bool:
@@ -83,6 +79,8 @@ def save(model: nn.Module, directory: Union[str, os.PathLike]) -> None:
 def load(directory: Union[str, os.PathLike], model: Union[nn.Module, Callable[[], nn.Module]]) -> nn.Module:
     """Rebuild a model saved by :func:`save`: ``model`` is an unpruned instance of the same
     architecture or a function that builds one (it is modified and returned)."""
+    if not (callable(model) or isinstance(model, nn.Module)):  # the cheap check before any file is read
+        raise LoadError(f"load needs an nn.Module or a function returning one, got {type(model).__name__}")
     plan = _read_plan(directory)
     target = model() if callable(model) and not isinstance(model, nn.Module) else model
     if not isinstance(target, nn.Module):

@@ -11,18 +11,8 @@ from typing import Any, List, Optional, Tuple
 
 from torch import nn
 
+from ..ops.registry import width_of
 from .metrics import count_macs, count_parameters, latency_ms
-
-_WIDTH = {nn.modules.conv._ConvNd: "out_channels", nn.Linear: "out_features",
-          nn.modules.batchnorm._NormBase: "num_features", nn.Embedding: "embedding_dim",
-          nn.MultiheadAttention: "embed_dim", nn.GroupNorm: "num_channels"}
-
-
-def _width(module: nn.Module) -> Optional[int]:
-    for cls, attr in _WIDTH.items():
-        if isinstance(module, cls):
-            return getattr(module, attr, None)
-    return None
 
 
 @dataclass
@@ -74,8 +64,8 @@ class Report:
 def report(original: nn.Module, pruned: nn.Module, example_input: Any, *, latency: bool = True,
            macs: bool = True) -> Report:
     """Compare ``original`` and ``pruned`` on ``example_input`` (latency: median of torch.utils.benchmark)."""
-    before = {name: _width(m) for name, m in original.named_modules()}
-    after = {name: _width(m) for name, m in pruned.named_modules()}
+    before = {name: width_of(m) for name, m in original.named_modules()}
+    after = {name: width_of(m) for name, m in pruned.named_modules()}
     layers = [(name, w, after[name]) for name, w in before.items() if w is not None and after.get(name) is not None]
     return Report(
         params=(count_parameters(original), count_parameters(pruned)),

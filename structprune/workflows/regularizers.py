@@ -5,33 +5,50 @@
 * ``"group_lasso"``: the sum over the channels of every prunable coupled group of the L2 norm of
   everything the channel owns (its filter, its BN entries, the next layer's input columns, every
   member of the group), so a channel is pushed to zero as one unit. Needs ``example_input`` to find
-  the groups; they are found once per model and remembered.
+  the groups; they are found once per model and remembered. With ``criterion`` and ``ratio`` it is
+  *targeted*: only the channels the criterion ranks lowest (those ``slim`` with these options would
+  remove) are penalised, so training frees exactly what will be pruned and leaves the rest alone.
+  Every option of :func:`~structprune.slim` (``tracer``, ``attention``, ``ignore``, ``hidden``,
+  ``scope``...) means the same here: the groups and the plan come from the same pruning session.
 
     loss = task_loss + sp.regularizer(model, "bn_l1", 1e-4)
     loss = task_loss + sp.regularizer(model, "group_lasso", 1e-4, example_input=x)
+    loss = task_loss + sp.regularizer(model, "group_lasso", 1e-4, example_input=x, criterion="l2", ratio=0.5)
 """
 from __future__ import annotations
 
+import numbers
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..graph.dependency_graph import DependencyGraph
+from ..errors import InvalidOptionError
+from ..options import Options, check_choice
+from ..pipeline import PruningSession, require_module
 
 KINDS = ("bn_l1", "group_lasso")
 # model -> (ids of its parameters when the groups were found, the per-group terms)
 _GROUP_TERMS: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, List[Tuple]]]" = weakref.WeakKeyDictionary()
 
 
-def regularizer(model: nn.Module, kind: str, strength: float, *, example_input: Any = None) -> torch.Tensor:
-    """``strength`` times the ``kind`` sparsity penalty of ``model`` (a differentiable scalar)."""
+def regularizer(model: nn.Module, kind: str, strength: float, *, example_input: Any = None,
+                **options: Any) -> torch.Tensor:
+    """``strength`` times the ``kind`` sparsity penalty of ``model`` (a differentiable scalar).
+
+    ``options`` (group lasso only) are those of :func:`~structprune.slim`; with ``criterion`` (and
+    ``ratio``) the penalty targets the channels that criterion would prune."""
+    require_module(model)
+    check_choice("kind", kind, KINDS)
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or strength < 0:
+        raise InvalidOptionError(f"strength must be a non-negative number, got {strength!r}; pass e.g. 1e-4")
     if kind == "bn_l1":
+        if options or example_input is not None:
+            raise InvalidOptionError("bn_l1 takes no example_input or pruning options; they belong to group_lasso")
         return strength * bn_l1(model)
-    if kind == "group_lasso":
-        return strength * group_lasso(model, example_input)
-    raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    return strength * group_lasso(model, example_input, **options)
 
 
 def bn_l1(model: nn.Module) -> torch.Tensor:
@@ -39,19 +56,23 @@ def bn_l1(model: nn.Module) -> torch.Tensor:
     scales = [m.weight for m in model.modules()
               if isinstance(m, nn.modules.batchnorm._NormBase) and m.weight is not None]
     if not scales:
-        raise ValueError("bn_l1 needs BatchNorm/InstanceNorm layers with affine scales; the model has none")
+        raise InvalidOptionError("bn_l1 needs BatchNorm/InstanceNorm layers with affine scales; the model has none: "
+                                 "use kind='group_lasso'")
     return sum(w.abs().sum() for w in scales)
 
 
-def group_lasso(model: nn.Module, example_input: Optional[Any] = None) -> torch.Tensor:
-    """Sum over the prunable channels of every group of the L2 norm of the channel's slices."""
-    identity = tuple(id(p) for p in model.parameters())
+def group_lasso(model: nn.Module, example_input: Optional[Any] = None, **options: Any) -> torch.Tensor:
+    """Sum over the prunable channels of every group of the L2 norm of the channel's slices (only over
+    the channels ``criterion`` would prune, when ``options`` name one)."""
+    identity = (tuple(id(p) for p in model.parameters()),
+                tuple(sorted((k, repr(v) if isinstance(v, (int, float, str, bool, type(None))) else id(v))
+                             for k, v in options.items())))
     cached = _GROUP_TERMS.get(model)
     if cached is None or cached[0] != identity:  # first call, or the model was pruned in place since
         if example_input is None:
-            raise ValueError("group_lasso needs example_input=... to find the coupled groups of this model "
-                             "(again, if its parameters changed since the last call)")
-        cached = _GROUP_TERMS[model] = (identity, _group_terms(model, example_input))
+            raise InvalidOptionError("group_lasso needs example_input=... to find the coupled groups of this model "
+                                     "(again, if its parameters changed since the last call)")
+        cached = _GROUP_TERMS[model] = (identity, _group_terms(model, example_input, options))
     terms = cached[1]
     total = None
     for tensors, n_units, free in terms:
@@ -64,12 +85,16 @@ def group_lasso(model: nn.Module, example_input: Optional[Any] = None) -> torch.
         norms = squares[free].clamp_min(1e-24).sqrt()  # clamp: a finite gradient for an all-zero channel
         total = norms.sum() if total is None else total + norms.sum()
     if total is None:
-        raise ValueError("group_lasso found no prunable channel group in the model")
+        raise InvalidOptionError("group_lasso found no prunable channel group in the model; use kind='bn_l1' or "
+                                 "check sp.DependencyGraph(model, x).summary() for why channels are frozen")
     return total
 
 
-def _group_terms(model: nn.Module, example_input: Any) -> List[Tuple]:
-    graph = DependencyGraph(model, example_input)
+def _group_terms(model: nn.Module, example_input: Any, options: Dict[str, Any]) -> List[Tuple]:
+    targeted = "criterion" in options
+    session = PruningSession(model, example_input, Options.from_kwargs(caller="regularizer", **options))
+    graph = session.graph
+    targets = session.plan(dry_run=False).drops if targeted else {}
     params: Dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     terms = []
     for group in graph.prunable_groups:
@@ -78,7 +103,10 @@ def _group_terms(model: nn.Module, example_input: Any) -> List[Tuple]:
             tensor = params.get(space.tensor)
             if tensor is not None and tensor.requires_grad:  # buffers (running stats) are not trained
                 tensors.append((tensor, space.dim, torch.as_tensor(index, device=tensor.device)))
-        if tensors:
-            free = torch.as_tensor(~group.frozen_units, device=tensors[0][0].device)
-            terms.append((tensors, group.n_units, free))
+        penalised = ~group.frozen_units
+        if targeted:  # only the units the plan would remove
+            penalised = np.zeros(group.n_units, bool)
+            penalised[targets.get(group.id, np.empty(0, np.int64))] = True
+        if tensors and penalised.any():
+            terms.append((tensors, group.n_units, torch.as_tensor(penalised, device=tensors[0][0].device)))
     return terms

@@ -14,14 +14,16 @@ caller fine-tunes between steps.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional
 
 from torch import nn
 
-from ..slim import SlimReport, _check_ratio, slim_with_report
+from ..errors import InvalidOptionError
+from ..options import Options, check_choice, check_fraction
+from ..slim import SlimReport, slim_with_report
 from ..tools.metrics import count_parameters
+from ..tools.progress import progress_bar
 
 CURVES = ("linear", "cubic")
 
@@ -43,10 +45,10 @@ class Iterative:
     initial: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
-        if self.curve not in CURVES:
-            raise ValueError(f"curve must be one of {CURVES}, not {self.curve!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise InvalidOptionError(f"steps must be a positive integer, got {self.steps!r}; pass e.g. steps=5")
+        check_choice("curve", self.curve, CURVES)
+        check_fraction("initial", self.initial)
 
     def cumulative(self, ratio: float) -> List[float]:
         n, s_i = self.steps, self.initial
@@ -89,8 +91,15 @@ class Pruner:
                  progress: bool = False, **slim_options):
         self.model = model
         self.example_input = example_input
-        self.ratio = _check_ratio(ratio)
+        self.ratio = check_fraction("ratio", ratio)
+        if "target" in slim_options or "reference_widths" in slim_options:
+            raise InvalidOptionError("Pruner follows a ratio schedule; target= and reference_widths= are not "
+                                     "options of a Pruner (use slim(..., target=...) for a one-shot budget)")
+        Options.from_kwargs(caller="Pruner", **slim_options)  # every option checked now, not at the first step
         self.schedule = schedule if schedule is not None else OneShot()
+        if not callable(getattr(self.schedule, "cumulative", None)):
+            raise InvalidOptionError(f"schedule must be sp.OneShot(), sp.Iterative(...) or an object with a "
+                                     f"cumulative(ratio) method, got {self.schedule!r}")
         self.targets = self.schedule.cumulative(self.ratio)
         self.fractions = increments(self.targets)
         self.progress = progress
@@ -122,12 +131,3 @@ class Pruner:
             if callback is not None:
                 callback(self, step)
         return self.model
-
-
-def progress_bar(total: int, desc: str):
-    """A tqdm bar on stderr, or None when tqdm is not installed."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress bars are a nicety, not a dependency
-        return None
-    return tqdm(total=total, desc=desc, file=sys.stderr)

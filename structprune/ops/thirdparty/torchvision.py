@@ -9,11 +9,10 @@ import importlib
 
 import numpy as np
 
-from ...surgery.size_attributes import HeadSplit
-from ..context import RuleContext
 from ..activation import unary
-from ..reshape import tie_split
+from ..context import RuleContext
 from ..registry import rule
+from ..reshape import tie_split
 
 
 def _optional(module: str, name: str):
@@ -52,29 +51,32 @@ if _shifted_window_attention is not None:
         if not isinstance(num_heads, int) or module is None or getattr(module, "num_heads", None) != num_heads:
             ctx.freeze_inputs("window attention whose head count is not its module's num_heads")
             return ctx.unlabeled_output()
-        lx, lq, lp = ctx.tlabel(x), ctx.tlabel(qkv_w), ctx.tlabel(proj_w)
-        lqb, lpb = ctx.tlabel(ctx.arg(9, "qkv_bias")), ctx.tlabel(ctx.arg(10, "proj_bias"))
-        rows = lq[0] if lq and lq[0] is not None else np.full(3 * width, -1, np.int64)
-        if lqb:
-            ctx.unify(rows, lqb[0], 3 * width)
+        x_label, qkv_label, proj_label = ctx.tlabel(x), ctx.tlabel(qkv_w), ctx.tlabel(proj_w)
+        qkv_bias_label, proj_bias_label = ctx.tlabel(ctx.arg(9, "qkv_bias")), ctx.tlabel(ctx.arg(10, "proj_bias"))
+        rows = qkv_label[0] if qkv_label and qkv_label[0] is not None else np.full(3 * width, -1, np.int64)
+        if qkv_bias_label:
+            ctx.unify(rows, qkv_bias_label[0], 3 * width)
         pieces = rows.reshape(3, width)
-        for piece in (pieces[1], pieces[2], lq[1] if lq else None, lx[-1] if lx else None, lp[1] if lp else None):
+        # q, k and v rows, the weight's input columns, the input width and the projection's columns are one axis
+        readers = (qkv_label[1] if qkv_label else None, x_label[-1] if x_label else None,
+                   proj_label[1] if proj_label else None)
+        for piece in (pieces[1], pieces[2]) + readers:
             ctx.unify(pieces[0], piece, width)
         heads = tie_split(ctx, pieces[0], [num_heads, width // num_heads], 0)
-        lb = ctx.tlabel(bias)
-        if lb and len(lb) >= 3:
-            ctx.unify(heads, lb[-3], num_heads)
-            ctx.freeze(lb[-2:], "relative positions")
+        bias_label = ctx.tlabel(bias)
+        if bias_label and len(bias_label) >= 3:
+            ctx.unify(heads, bias_label[-3], num_heads)
+            ctx.freeze(bias_label[-2:], "relative positions")
         logit_scale = ctx.tlabel(ctx.arg(11, "logit_scale"))
         if logit_scale:
             ctx.unify(heads, logit_scale[0], num_heads)
-        ctx.state.widths.append((ctx.calling_path(), "num_heads", heads))
-        ctx.state.head_splits.append(HeadSplit(ctx.calling_path(), heads, width // num_heads))
-        out_rows = lp[0] if lp else None
-        if lpb:
-            ctx.unify(out_rows, lpb[0], ctx.out.shape[-1])
-        ctx.state.mark_producer(out_rows)
-        return tuple(lx[:-1]) + (out_rows,)
+        ctx.record_width(ctx.calling_path(), "num_heads", heads)
+        ctx.record_head_split(ctx.calling_path(), heads, width // num_heads)
+        out_rows = proj_label[0] if proj_label else None
+        if proj_bias_label:
+            ctx.unify(out_rows, proj_bias_label[0], ctx.out.shape[-1])
+        ctx.mark_producer(out_rows)
+        return tuple(x_label[:-1]) + (out_rows,)
 
 if _relative_position_bias is not None:
     @rule(_relative_position_bias)

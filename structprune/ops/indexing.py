@@ -1,0 +1,160 @@
+"""Indexing: ``x[...]`` (getitem), gather/take_along_dim, ``aten.index``, select and ``aten.slice``.
+
+Full slices and ``None``/``...`` keep labels; constant bounds, integers and index tensors on a
+channel axis freeze it (they name positions that pruning would move).
+"""
+from __future__ import annotations
+
+import operator
+from typing import List
+
+import torch
+from torch import fx
+
+from ..graph.labels import AxisLabel
+from ..graph.shapes import TensorMeta
+from .context import RuleContext, norm_dim
+from .registry import rule
+
+
+@rule(operator.getitem)
+def getitem(ctx: RuleContext, node):
+    container, index = ctx.arg(0), ctx.arg(1)
+    meta = ctx.meta(container)
+    label = ctx.label(container)
+    if isinstance(meta, dict):
+        keys = list(meta)
+        return label[keys.index(index)] if isinstance(label, list) and index in keys else ctx.unlabeled_output()
+    if isinstance(meta, (tuple, list)) and not isinstance(meta, torch.Size):
+        if not isinstance(label, list):
+            return ctx.unlabeled_output()
+        picked = label[index]
+        return picked if isinstance(index, int) else list(picked)
+    if not isinstance(meta, TensorMeta):
+        return None  # indexing a shape or another Python value
+    return _index_tensor(ctx, container, index)
+
+
+def _index_tensor(ctx: RuleContext, x, index):
+    label = list(ctx.tlabel(x))
+    meta = ctx.meta(x)
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(i, (fx.Node, list, torch.Tensor)) and not isinstance(ctx.meta(i), int) for i in items):
+        return _tensor_index(ctx, label, items)
+    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+    out: List[AxisLabel] = []
+    k = 0
+    for item in items:
+        if item is Ellipsis:
+            for _ in range(meta.ndim - n_real):
+                out.append(label[k])
+                k += 1
+        elif item is None:
+            out.append(None)
+        elif isinstance(item, slice):
+            full = item.start in (None, 0) and item.stop is None and item.step in (None, 1)
+            if label[k] is not None and not full:
+                ctx.freeze(label[k], "slicing a channel axis with constant bounds")
+                out.append(None)
+            else:
+                out.append(label[k])
+            k += 1
+        else:  # an integer (literal or computed): the axis disappears
+            if label[k] is not None:
+                ctx.freeze(label[k], "integer indexing of a channel axis")
+            k += 1
+    out.extend(label[k:])
+    if len(out) != ctx.out.ndim:
+        ctx.freeze(tuple(label), "indexing with an unrecognised pattern")
+        return ctx.unlabeled_output()
+    return tuple(out)
+
+
+@rule(torch.gather, ".gather", "aten.gather", torch.take_along_dim, ".take_along_dim")
+def gather(ctx: RuleContext, node):
+    """``gather(x, dim, index)``: output axes other than ``dim`` pair index i of x with index i of
+    ``index``; the gathered axis mixes positions, so a channel axis there is frozen."""
+    x, index = ctx.arg(0), ctx.arg(2, "index")
+    if "take_along_dim" in str(node.target):
+        x, index, dim = ctx.arg(0), ctx.arg(1, "indices"), ctx.arg(2, "dim")
+    else:
+        dim = ctx.arg(1, "dim")
+    x_label, index_label = ctx.tlabel(x), ctx.tlabel(index)
+    if dim is None or len(x_label) != len(index_label) or len(x_label) != ctx.out.ndim:
+        ctx.freeze_inputs("gather with an unrecognised layout")
+        return ctx.unlabeled_output()
+    dim = norm_dim(dim, len(x_label))
+    out: List[AxisLabel] = []
+    for k in range(len(x_label)):
+        size = ctx.out.shape[k]
+        if k == dim or ctx.meta(x).shape[k] != size:
+            ctx.freeze(x_label[k], "gathered or partly read channel axis")
+            out.append(index_label[k])
+        else:
+            out.append(ctx.unify_all([x_label[k], index_label[k]], size))  # a fixed-size index cannot shrink
+    return tuple(out)
+
+
+@rule("aten.index")
+def aten_index(ctx: RuleContext, node):
+    """``x[idx]`` under torch.export: ``aten.index(x, [None, idx, ...])``. Axes indexed by a tensor are
+    replaced by the index's axes (a channel axis there is frozen); the others keep their labels."""
+    x, indices = ctx.arg(0), list(ctx.arg(1))
+    label = list(ctx.tlabel(x))
+    used = [k for k, i in enumerate(indices) if i is not None]
+    if not used or used != list(range(used[0], used[-1] + 1)):
+        ctx.freeze(tuple(label), "indexing with tensors on non-adjacent axes")
+        return ctx.unlabeled_output()
+    return _indexed_axes(ctx, label, used, [indices[k] for k in used])
+
+
+def _tensor_index(ctx: RuleContext, label: list, items: list):
+    """``x[..., idx, ...]`` with index tensors on adjacent axes and full slices elsewhere."""
+    whole = lambda i: isinstance(i, slice) and i == slice(None)  # noqa: E731
+    if Ellipsis in items:
+        ellipsis_at = items.index(Ellipsis)
+        items = items[:ellipsis_at] + [slice(None)] * (len(label) - len(items) + 1) + items[ellipsis_at + 1:]
+    items = items + [slice(None)] * (len(label) - len(items))
+    picked = [k for k, i in enumerate(items) if not whole(i)]
+    if len(items) != len(label) or picked != list(range(picked[0], picked[-1] + 1)) or \
+            not all(isinstance(items[k], fx.Node) and ctx.is_tensor(items[k]) for k in picked):
+        ctx.freeze(tuple(label), "advanced (tensor) indexing with an unrecognised pattern")
+        return ctx.unlabeled_output()
+    return _indexed_axes(ctx, label, picked, [items[k] for k in picked])
+
+
+def _indexed_axes(ctx: RuleContext, label: list, picked: List[int], indices: list):
+    """Labels after indexing axes ``picked`` (adjacent) with tensors: they are replaced by the
+    indices' broadcast axes; a channel axis indexed this way is frozen."""
+    last = picked[-1]
+    for k, index in zip(picked, indices):
+        meta = ctx.meta(index)
+        consumed = meta.ndim if getattr(meta, "dtype", None) == torch.bool else 1  # a mask covers ndim axes
+        for axis in label[k:k + consumed]:
+            ctx.freeze(axis, "indexing a channel axis with a tensor")
+        last = max(last, k + consumed - 1)
+        ctx.freeze(ctx.label(index), "index tensor")
+    n_index = ctx.out.ndim - (len(label) - (last - picked[0] + 1))
+    if n_index < 0:
+        ctx.freeze(tuple(label), "tensor indexing with an unrecognised result")
+        return ctx.unlabeled_output()
+    return tuple(label[:picked[0]] + [None] * n_index + label[last + 1:])
+
+
+@rule(torch.select, ".select", "aten.select")
+def select(ctx: RuleContext, node):  # select(x, dim, index): the axis disappears
+    label = list(ctx.tlabel(ctx.arg(0)))
+    dim = norm_dim(ctx.arg(1, "dim"), len(label))
+    ctx.freeze(label[dim], "selecting one channel")
+    return tuple(label[:dim] + label[dim + 1:])
+
+
+@rule("aten.slice")
+def aten_slice(ctx: RuleContext, node):  # aten.slice(x, dim, start, end, step)
+    x = ctx.arg(0)
+    label = list(ctx.tlabel(x))
+    dim = norm_dim(ctx.arg(1, "dim", 0), len(label))
+    if label[dim] is not None and ctx.out.shape[dim] != ctx.meta(x).shape[dim]:
+        ctx.freeze(label[dim], "slicing a channel axis with constant bounds")
+        label[dim] = None
+    return tuple(label)

@@ -1,0 +1,169 @@
+"""Sizes in shape arguments: which tensor axis a size reads, and whether a literal may follow pruning.
+
+A size read at run time (``x.size(1)``, ``x.shape[1]``) shrinks with the axis it reads, so the two
+are unified. ``-1`` adapts. A literal integer is a constant baked into the model's code: the axis it
+sizes cannot shrink, unless it is a module's size attribute (``num_heads``) that is rewritten after
+pruning. Used by view/reshape, expand, unflatten and split.
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Optional, Sequence
+
+import numpy as np
+from torch import fx
+
+from ..graph.labels import AxisLabel
+from .context import RuleContext, norm_dim
+from .size_names import size_attributes
+
+
+def shape_args(ctx: RuleContext, node: fx.Node, first: int):
+    """The target shape's entries, flattening ``view(a, b)`` and ``view((a, b))`` alike."""
+    args = list(node.args[first:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        args = list(args[0])
+    return args
+
+
+def _is_literal_size(entry) -> bool:
+    return isinstance(entry, int) and entry != -1
+
+
+def size_source(ctx: RuleContext, entry):
+    """``(tensor node, axis)`` whose run-time size ``entry`` reads (``x.size(1)``, ``x.shape[1]``), else None."""
+    if not isinstance(entry, fx.Node):
+        return None
+    if entry.op == "call_method" and entry.target == "size" and len(entry.args) == 2:
+        tensor, axis = entry.args
+        return (tensor, axis) if isinstance(axis, int) else None
+    if entry.op == "call_function" and str(entry.target).startswith("aten.sym_size"):
+        return entry.args[0], entry.args[1]
+    if entry.op == "call_function" and entry.target is operator.getitem and isinstance(entry.args[1], int):
+        whole = entry.args[0]
+        if isinstance(whole, fx.Node) and (
+                (whole.op == "call_function" and whole.target is builtins.getattr and whole.args[1] == "shape")
+                or (whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1)):
+            return whole.args[0], entry.args[1]
+    return None
+
+
+def _scaled_size_source(ctx: RuleContext, entry):
+    """``(tensor, axis, factor)`` for a size computed as ``x.size(axis) * factor`` (``h * n_rep`` in
+    LLaMA's ``repeat_kv``), else None."""
+    if not (isinstance(entry, fx.Node) and entry.op == "call_function" and entry.target is operator.mul):
+        return None
+    a, b = entry.args
+    for size, factor in ((a, b), (b, a)):
+        source = size_source(ctx, size)
+        if source is not None and isinstance(factor, int) and factor > 0:
+            return source[0], source[1], factor
+    return None
+
+
+def _bind_scaled(ctx: RuleContext, axis: np.ndarray, tensor, dim: int, factor: int) -> bool:
+    """Couple an axis of size ``x.size(dim) * factor`` with that axis of ``x``, if the axis is made of
+    ``factor`` copies of one label per index (``repeat``, ``expand + reshape``) or ``factor`` copies of
+    the whole label (``tile``): dropping one index of ``x`` then drops all its copies."""
+    src_label = ctx.tlabel(tensor)
+    src = src_label[norm_dim(dim, len(src_label))] if src_label else None
+    n = len(axis) // factor
+    if src is None or len(axis) != n * factor or len(src) != n:
+        return False
+    for copies in (axis.reshape(n, factor), axis.reshape(factor, n).T):
+        if (copies == copies[:, :1]).all():
+            ctx.unify(copies[:, 0], src, n)
+            return True
+    return False
+
+
+_SIZE_ROLES = {"heads": ("heads",), "head_dim": ("head_dim",), "merge": ("heads", "attention_width"),
+               "pass": ("heads", "head_dim", "attention_width", "ffn", "hidden"), "split": ("attention_width",)}
+
+
+def adaptable_literal(ctx: RuleContext, literal: int, kind: Optional[str], axis: np.ndarray) -> bool:
+    """Can a literal size of a channel axis follow pruning? Yes when it is the value of a size attribute
+    (``num_heads``, ``config.num_key_value_heads``) of the module making the call: the attribute is
+    rewritten after pruning. Under torch.export also when the axis passes through unchanged: export
+    bakes shape reads such as ``x.size(-1)`` into literals."""
+    module = ctx.calling_module()
+    if module is not None and kind in _SIZE_ROLES:
+        names = size_attributes(module, literal, _SIZE_ROLES[kind])
+        for name in names:
+            shared = name.startswith("config.")  # one config serves every layer; refreshed once, at the end
+            if shared and ctx.exported:
+                continue  # under export the literal may as well be a shape read: verification has the last word
+            key = ("config", id(module.config), name) if shared else (ctx.calling_path(), name)
+            sized = ctx.bind_attribute(key, axis)
+            if sized is axis:
+                if not shared:
+                    ctx.record_width(key[0], name, axis)
+            elif len(sized) == len(axis):  # one attribute sizes several axes (q, k and v; every layer)
+                ctx.unify(sized, axis, len(axis))
+            else:
+                ctx.freeze(axis, f"{name} sizes axes of different lengths")
+        if names:
+            return True
+    return ctx.exported and kind == "pass"
+
+
+def bind_sizes(ctx: RuleContext, out: Sequence[AxisLabel], out_shape: Sequence[int], entries: Sequence,
+               kinds: Optional[Sequence[Optional[str]]] = None) -> tuple:
+    """Reconcile the output labels with the size arguments that produced them.
+
+    A size read from another tensor's axis must shrink with that axis, so the two are unified.
+    ``-1`` adapts. A literal that is a module's size attribute adapts (see :func:`adaptable_literal`).
+    Any other literal or computed size pins its axis (frozen).
+    """
+    out = list(out)
+    kinds = kinds if kinds is not None else ["pass"] * len(out)
+    for j, entry in enumerate(entries):
+        if entry == -1 and not isinstance(entry, fx.Node):
+            continue
+        source = size_source(ctx, entry)
+        scaled = _scaled_size_source(ctx, entry) if source is None and out[j] is not None else None
+        if scaled is not None and _bind_scaled(ctx, out[j], *scaled):
+            continue
+        if source is not None:
+            tensor, axis = source
+            src_label = ctx.tlabel(tensor)
+            src_axis = src_label[norm_dim(axis, len(src_label))] if src_label else None
+            if src_axis is not None or out[j] is not None:
+                ctx.unify(out[j], src_axis, out_shape[j])
+        elif out[j] is not None and _is_literal_size(entry) and adaptable_literal(ctx, entry, kinds[j], out[j]):
+            continue
+        elif out[j] is not None and (_is_literal_size(entry) or isinstance(entry, fx.Node)):
+            ctx.freeze(out[j], "a channel axis sized by a constant in the model code")
+            out[j] = None
+        if source is None and scaled is None and isinstance(entry, fx.Node):
+            for tensor, axis in _sizes_read(ctx, entry):
+                src_label = ctx.tlabel(tensor)
+                if src_label:
+                    ctx.freeze(src_label[norm_dim(axis, len(src_label))],
+                               "its size feeds a computed shape (e.g. C // num_heads)")
+    return tuple(out)
+
+
+def _sizes_read(ctx: RuleContext, entry: fx.Node, limit: int = 64) -> list:
+    """Every ``(tensor, axis)`` whose size the computed value ``entry`` depends on."""
+    found, stack, seen = [], [entry], set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if not isinstance(node, fx.Node) or node in seen or ctx.is_tensor(node):
+            continue
+        seen.add(node)
+        source = size_source(ctx, node)
+        if source is not None:
+            found.append(source)
+        elif reads_shape_of(node):
+            meta = ctx.meta(node.args[0])
+            found.extend((node.args[0], k) for k in range(getattr(meta, "ndim", 0)))
+        else:
+            stack.extend(a for a in node.all_input_nodes)
+    return found
+
+
+def reads_shape_of(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is builtins.getattr and node.args[1] == "shape") or \
+        (node.op == "call_method" and node.target == "size" and len(node.args) == 1)

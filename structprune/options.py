@@ -1,0 +1,284 @@
+"""Typed options of a pruning run, validated in one place.
+
+A run has four kinds of options, one frozen dataclass each, in the order the pipeline uses them:
+
+* :class:`TraceOptions`: how the graph is captured and what a head split prunes;
+* :class:`ScoreOptions`: how channels are ranked (criterion, calibration data, loss, reduction);
+* :class:`PlanOptions`: how much is removed and where (ratio or target, scope, rounding, ignore);
+* :class:`PruneOptions`: how the plan is applied (verification, in place or on a copy).
+
+:class:`Options` bundles them, and :meth:`Options.from_kwargs` is the one place where the flat
+keywords of the public functions (``slim(model, x, 0.5, scope="global", round_to=8)``) are sorted into
+their sections. Every invalid value raises :class:`~structprune.errors.InvalidOptionError` (or its
+:class:`~structprune.errors.InvalidRatioError` subclass) naming what to pass instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+from torch import nn
+
+from .errors import InvalidOptionError, InvalidRatioError
+
+SCOPES = ("local", "global")
+REDUCTIONS = ("mean", "sum", "max")
+NORMALIZATIONS = (None, "mean", "max", "sum")
+TRACERS = ("auto", "fx", "export")
+ATTENTION_MODES = ("heads", "head_dims")
+TARGETS = ("params", "macs")
+
+
+# ---- validators: each returns the cleaned value or raises with what to pass instead ----------------------------
+def check_fraction(name: str, value: Any, *, closed: bool = False, example: str = "0.5") -> float:
+    """A real number in [0, 1) (``closed``: [0, 1])."""
+    upper = "1]" if closed else "1)"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise InvalidRatioError(f"{name} must be a number in [0, {upper}, got {value!r}; pass e.g. {name}={example}")
+    if not (0 <= float(value) <= 1 if closed else 0 <= float(value) < 1):
+        raise InvalidRatioError(f"{name} must be in [0, {upper} (the fraction removed), got {value}; "
+                                f"pass e.g. {name}={example}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in choices:
+        raise InvalidOptionError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidOptionError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_positive_int(name: str, value: Any, *, optional: bool = True) -> Optional[int]:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InvalidOptionError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}; "
+                                 f"pass e.g. {name}=8")
+    return int(value)
+
+
+def check_callable(name: str, value: Any, signature: str) -> Optional[Callable]:
+    if value is not None and not callable(value):
+        raise InvalidOptionError(f"{name} must be a function {signature} or None, got {type(value).__name__}")
+    return value
+
+
+def check_target(target: Any) -> Optional[Tuple[str, float]]:
+    """``{"params": f}`` or ``{"macs": f}`` -> ``(kind, f)``; None stays None."""
+    if target is None:
+        return None
+    if not isinstance(target, Mapping) or len(target) != 1:
+        raise InvalidOptionError(f"target must be a dict with one entry, {{'params': f}} or {{'macs': f}}, "
+                                 f"got {target!r}")
+    (kind, fraction), = target.items()
+    if kind not in TARGETS:
+        raise InvalidOptionError(f"target must name one of {', '.join(map(repr, TARGETS))}; got {kind!r}")
+    return kind, check_fraction(f"target[{kind!r}]", fraction, example="0.3")
+
+
+def check_ignore(ignore: Any) -> Tuple[Any, ...]:
+    """Module names or globs, module instances, or module classes (one, or a list of them)."""
+    items = list(ignore) if isinstance(ignore, (list, tuple, set, frozenset)) else [ignore]
+    for item in items:
+        if not (isinstance(item, (str, nn.Module)) or (isinstance(item, type) and issubclass(item, nn.Module))):
+            raise InvalidOptionError(f"ignore takes module names or globs ('layer4.*'), modules or module classes "
+                                     f"(nn.Embedding); got {item!r}")
+    return tuple(items)
+
+
+def check_ratios(ratios: Any) -> Dict[str, float]:
+    if ratios is None:
+        return {}
+    if not isinstance(ratios, Mapping) or not all(isinstance(k, str) for k in ratios):
+        raise InvalidOptionError(f"ratios must map module-name globs to ratios, e.g. {{'layer4.*': 0.7}}; "
+                                 f"got {ratios!r}")
+    return {pattern: check_fraction(f"ratios[{pattern!r}]", r, closed=True) for pattern, r in ratios.items()}
+
+
+# ---- the four sections ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TraceOptions:
+    """How the graph is captured (``tracer``) and what a head split prunes (``attention``).
+
+    tracer: ``"auto"`` (torch.fx, then torch.export when fx fails), ``"fx"`` or ``"export"``.
+    attention: where a projection is split into heads, prune whole ``"heads"`` (grouped-query
+        attention drops a key/value head with its query heads) or the same ``"head_dims"`` in every head.
+    """
+
+    tracer: str = "auto"
+    attention: str = "heads"
+
+    def __post_init__(self) -> None:
+        check_choice("tracer", self.tracer, TRACERS)
+        check_choice("attention", self.attention, ATTENTION_MODES)
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How channels are ranked.
+
+    criterion: a registered name (``sp.list_criteria()``: ``"l2"`` by default, ``"l1"``,
+        ``"magnitude"``, ``"gradient"``, ``"taylor"``, ``"fpgm"``, ``"bn_scale"``, ``"random"``), a
+        :class:`~structprune.scoring.Criterion`, or a function ``(group, context) -> scores``.
+    data, loss_fn: calibration batches and ``loss_fn(model, batch)`` for gradient criteria (default
+        loss: cross-entropy on ``(inputs, targets)`` batches).
+    reduction: how the scores of a unit's members combine: ``"mean"``, ``"sum"`` or ``"max"``.
+    seed: seed of the ``random`` criterion.
+    """
+
+    criterion: Any = "l2"
+    data: Optional[Iterable] = None
+    loss_fn: Optional[Callable] = None
+    reduction: str = "mean"
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        from .scoring.criteria import get_criterion  # the registry validates names and callables
+
+        get_criterion(self.criterion)
+        check_choice("reduction", self.reduction, REDUCTIONS)
+        check_callable("loss_fn", self.loss_fn, "(model, batch) -> scalar loss")
+        if self.data is not None and not isinstance(self.data, Iterable):
+            raise InvalidOptionError(f"data must be an iterable of calibration batches (a list or a DataLoader), "
+                                     f"got {type(self.data).__name__}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
+            raise InvalidOptionError(f"seed must be an integer or None, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """How much to remove and where.
+
+    ratio: fraction of channels removed, in [0, 1): from every layer (``scope="local"``) or from the
+        whole model, least important first (``scope="global"``). At least one channel of every layer
+        is kept. Ignored when ``target`` is given.
+    target: ``{"params": f}`` or ``{"macs": f}``: remove that fraction of the model instead (within one
+        percentage point).
+    scope: ``"local"`` or ``"global"``; ``max_group_ratio`` caps what global scope takes from one layer.
+    round_to: keep widths that are multiples of this number of channels.
+    ignore: modules kept whole: names or globs, instances, or classes.
+    ratios: ``{"module.glob.*": ratio}`` overrides for matching layers.
+    normalize: per-group score normalisation for global ranking: ``"mean"``, ``"max"``, ``"sum"`` or None.
+    hidden: also prune widths that LayerNorm/RMSNorm normalise (a transformer's residual stream).
+    reference_widths: layer name -> width before any pruning; ``ratio`` then counts from those widths
+        (what :class:`~structprune.Pruner` uses so a schedule's cumulative targets are met exactly).
+    """
+
+    ratio: float = 0.5
+    target: Optional[Mapping[str, float]] = None
+    scope: str = "local"
+    max_group_ratio: float = 1.0
+    round_to: Optional[int] = None
+    ignore: Any = ()
+    ratios: Optional[Mapping[str, float]] = field(default=None)
+    normalize: Optional[str] = "mean"
+    hidden: bool = True
+    reference_widths: Optional[Mapping[str, int]] = None
+
+    def __post_init__(self) -> None:
+        budget = check_target(self.target)
+        # with a target the ratio is what the budget search varies: any valid start will do
+        object.__setattr__(self, "ratio", 0.5 if budget else check_fraction("ratio", self.ratio))
+        check_choice("scope", self.scope, SCOPES)
+        object.__setattr__(self, "max_group_ratio", check_fraction("max_group_ratio", self.max_group_ratio,
+                                                                   closed=True))
+        object.__setattr__(self, "round_to", check_positive_int("round_to", self.round_to))
+        object.__setattr__(self, "ignore", check_ignore(self.ignore))
+        object.__setattr__(self, "ratios", check_ratios(self.ratios))
+        check_choice("normalize", self.normalize, NORMALIZATIONS)
+        check_flag("hidden", self.hidden)
+
+    @property
+    def budget(self) -> Optional[Tuple[str, float]]:
+        """``(kind, fraction)`` of the target, or None when a plain ratio is asked for."""
+        return check_target(self.target)
+
+    def with_ratio(self, ratio: float) -> "PlanOptions":
+        """The same options at another ratio (what the budget search bisects on; 1.0 allowed here)."""
+        changed = dataclasses.replace(self, target=None)
+        object.__setattr__(changed, "ratio", float(ratio))
+        return changed
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """How a plan is applied.
+
+    verify: check the pruned model against the original with the removed channels zeroed and raise
+        :class:`~structprune.VerificationError` (leaving the model untouched) if they disagree.
+    inplace: prune the model itself instead of a copy (restored if anything fails).
+    """
+
+    verify: bool = True
+    inplace: bool = False
+
+    def __post_init__(self) -> None:
+        check_flag("verify", self.verify)
+        check_flag("inplace", self.inplace)
+
+
+_SECTIONS = {"trace": TraceOptions, "score": ScoreOptions, "plan": PlanOptions, "prune": PruneOptions}
+
+
+@dataclass(frozen=True)
+class Options:
+    """All options of a pruning run, by section. Build it from flat keywords with :meth:`from_kwargs`."""
+
+    trace: TraceOptions = field(default_factory=TraceOptions)
+    score: ScoreOptions = field(default_factory=ScoreOptions)
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    prune: PruneOptions = field(default_factory=PruneOptions)
+
+    @classmethod
+    def names(cls) -> Tuple[str, ...]:
+        """Every keyword :meth:`from_kwargs` accepts."""
+        return tuple(f.name for section in _SECTIONS.values() for f in dataclasses.fields(section))
+
+    @classmethod
+    def from_kwargs(cls, *, allowed: Optional[Iterable[str]] = None, caller: str = "slim",
+                    **kwargs: Any) -> "Options":
+        """Sort flat keywords into their sections and validate them.
+
+        ``allowed`` restricts the keywords (an entry point that has no use for, say, ``inplace``);
+        an unknown keyword raises :class:`InvalidOptionError` naming the closest valid one.
+        """
+        valid = tuple(allowed) if allowed is not None else cls.names()
+        for name in kwargs:
+            if name not in valid:
+                close = difflib.get_close_matches(name, valid, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise InvalidOptionError(f"{caller}() has no option {name!r}{hint} Its options are: "
+                                         f"{', '.join(sorted(valid))}")
+        sections = {}
+        for key, section in _SECTIONS.items():
+            own = {f.name for f in dataclasses.fields(section)}
+            sections[key] = section(**{k: v for k, v in kwargs.items() if k in own})
+        return cls(**sections)
+
+    def replace(self, **kwargs: Any) -> "Options":
+        """A copy with some flat keywords changed (validated like :meth:`from_kwargs`)."""
+        sections = {}
+        for key, section in _SECTIONS.items():
+            own = {f.name for f in dataclasses.fields(section)}
+            changes = {k: v for k, v in kwargs.items() if k in own}
+            current = getattr(self, key)
+            sections[key] = dataclasses.replace(current, **changes) if changes else current
+        unknown = set(kwargs) - set(self.names())
+        if unknown:
+            raise InvalidOptionError(f"unknown option(s) {sorted(unknown)}; valid ones: {', '.join(self.names())}")
+        return Options(**sections)
+
+
+OptionsLike = Union[Options, Mapping[str, Any], None]
+
+__all__ = ["ATTENTION_MODES", "NORMALIZATIONS", "Options", "PlanOptions", "PruneOptions", "REDUCTIONS", "SCOPES",
+           "ScoreOptions", "TARGETS", "TRACERS", "TraceOptions", "check_choice", "check_fraction", "check_target"]

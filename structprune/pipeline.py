@@ -1,0 +1,147 @@
+"""The pruning session: the one place where the stages of a pruning run are wired together.
+
+    capture -> shapes -> walk -> solve      (DependencyGraph: what is coupled)
+    -> score                                (Planner + ScoringContext: how important)
+    -> plan -> dry run                      (Plan: what to remove, tried on a meta-device twin)
+    -> shrink -> verify                     (surgery + Verifier: apply it, check it)
+
+``slim``, ``Pruner``, ``SoftPruner``, ``LotteryTicket``, ``sparsify(granularity="channel")``,
+``apply_masks`` and the group-lasso regulariser all run a :class:`PruningSession`, so every option
+(``tracer``, ``attention``, ``hidden``, ``ignore``, ...) means the same thing in each of them. Like
+torch.ao's sparsifier, the session owns the pipeline and the front ends only choose which stages
+to run and what to do with their results.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+from torch import nn
+
+from .errors import InvalidModelError, StructPruneError
+from .graph.dependency_graph import DependencyGraph
+from .options import Options
+from .planning.budgets import removed_fraction, search_target
+from .planning.dry_run import groups_that_break
+from .planning.planner import Plan, Planner
+from .scoring import ScoringContext, get_criterion
+from .surgery.shrink import rollback, shrink, shrunk_copy
+from .verify import VerificationResult, Verifier
+
+DRY_RUN_ROUNDS = 3  # re-plans after a dry run found groups that break the forward
+
+
+class PruningSession:
+    """One pruning run over ``model`` for ``example_input`` with ``options``.
+
+    The dependency graph is built on construction (pass ``graph=`` to reuse one built for the same
+    model); the later stages run on demand:
+
+    >>> session = PruningSession(model, x, Options.from_kwargs(ratio=0.3))
+    >>> plan = session.plan()                     # score, plan, dry run
+    >>> small, verdict = session.apply(plan)      # shrink a copy, verify it
+    """
+
+    def __init__(self, model: nn.Module, example_input: Any, options: Optional[Options] = None, *,
+                 graph: Optional[DependencyGraph] = None):
+        self.model = require_module(model)
+        self.options = options if options is not None else Options()
+        trace = self.options.trace
+        self.graph = graph if graph is not None else DependencyGraph(model, example_input, tracer=trace.tracer,
+                                                                     attention=trace.attention)
+        self._planner: Optional[Planner] = None
+
+    # ----- score -------------------------------------------------------------------------------------------
+    def planner(self, rescore: bool = False) -> Planner:
+        """The planner holding every prunable group's scores (``rescore``: score the current weights again)."""
+        if self._planner is None or rescore:
+            score = self.options.score
+            self._check_materialised()
+            context = ScoringContext(self.model, self.graph, data=score.data, loss_fn=score.loss_fn,
+                                     reduction=score.reduction, seed=score.seed)
+            excluded = self._planner.excluded if self._planner is not None else set()
+            self._planner = Planner(self.graph, context, get_criterion(score.criterion), self.options.plan.ignore)
+            self._planner.exclude(excluded)
+        return self._planner
+
+    # ----- plan ----------------------------------------------------------------------------------------------
+    def plan(self, dry_run: Optional[bool] = None) -> Plan:
+        """The plan for the options: a ratio, or a bisection to the ``target`` budget; then (by default when
+        verifying, and always under torch.export, whose literals may hide widths read from tensors) a dry
+        run on the meta device, re-planning around the groups whose pruning breaks the forward."""
+        planner = self.planner()
+        plan = self._plan_once(planner)
+        if dry_run is None:
+            dry_run = self.options.prune.verify or self.graph.trace.tracer == "export"
+        for _ in range(DRY_RUN_ROUNDS if dry_run else 0):
+            broken = groups_that_break(self.model, self.graph, plan.drops,
+                                       lambda drops: Plan(dict(drops)).element_mask(self.graph))
+            if not broken:
+                break
+            planner.exclude(broken)
+            self.graph.notes.extend(
+                f"group {gid} ({self.graph.groups[gid].spaces[0]}) was kept whole: pruning it breaks the forward "
+                f"({error}); a width the graph does not show (such as C // num_heads under torch.export) "
+                f"depends on it" for gid, error in broken.items())
+            plan = self._plan_once(planner)
+        return plan
+
+    def _plan_once(self, planner: Planner) -> Plan:
+        options = self.options.plan
+        budget = options.budget
+        if budget is None:
+            return planner.plan(options)
+        kind, fraction = budget
+        return search_target(planner, options, removed_fraction(kind, self.graph, self.model), fraction)[0]
+
+    # ----- shrink and verify -----------------------------------------------------------------------------------
+    def apply(self, plan: Plan, *, onto: Optional[nn.Module] = None) -> Tuple[nn.Module, Optional[VerificationResult]]:
+        """Remove the planned channels: from a copy, or from the model itself with ``inplace`` (restored if
+        anything fails). With ``verify`` the result is checked against the zeroed original.
+
+        ``onto`` shrinks another model of the same structure instead (a lottery ticket's rewound copy);
+        its values differ from the scored model's, so it is never verified against it.
+        """
+        dropped = plan.element_mask(self.graph)
+        notes = self.graph.notes
+        if onto is not None:
+            return shrunk_copy(onto, self.graph, dropped, notes), None
+        prune = self.options.prune
+        verifier = Verifier(self.graph, dropped) if prune.verify else None
+        with rollback(self.model) if prune.inplace else contextlib.nullcontext():
+            if prune.inplace:
+                shrink(self.model, self.graph, dropped, notes)
+            pruned = self.model if prune.inplace else shrunk_copy(self.model, self.graph, dropped, notes)
+            verdict = verifier.check(pruned) if verifier is not None else None
+        return pruned, verdict
+
+    def pruned_groups(self, plan: Plan) -> Dict[int, Tuple[int, int]]:
+        """Group id -> (units before, units after) for every group the plan shrinks."""
+        return {gid: (self.graph.groups[gid].n_units, self.graph.groups[gid].n_units - len(units))
+                for gid, units in plan.drops.items()}
+
+    def _check_materialised(self) -> None:
+        """Weights on the meta device can be planned but neither scored by magnitude nor run."""
+        if not any(t.is_meta for t in self.model.parameters()):
+            return
+        criterion = self.options.score.criterion
+        if self.options.prune.verify or (isinstance(criterion, str) and criterion != "random"):
+            raise StructPruneError(
+                "the model's weights are on the meta device: magnitude criteria and verification need real "
+                "values. Load the weights first, or plan with criterion='random' (or your own scores) and "
+                "verify=False.")
+
+
+def require_module(model: Any) -> nn.Module:
+    """``model`` itself if it is an ``nn.Module``; else :class:`InvalidModelError` saying what to pass."""
+    if isinstance(model, nn.Module):
+        return model
+    hint = " (a ScriptModule is not supported: pass the original nn.Module)" if type(model).__name__.startswith(
+        "Recursive") else ""
+    raise InvalidModelError(f"model must be a torch.nn.Module, not {type(model).__name__}{hint}")
+
+
+def dropped_elements(graph: DependencyGraph, drops: Dict[int, np.ndarray]) -> np.ndarray:
+    """Per channel element of ``graph``: True where ``drops`` (group id -> unit indices) removes it."""
+    return Plan(dict(drops)).element_mask(graph)

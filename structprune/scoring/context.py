@@ -1,0 +1,210 @@
+"""What a criterion sees: the model, its groups, calibration data, and statistics computed once.
+
+One :class:`ScoringContext` serves channel criteria (``slim``, ``SoftPruner``, channel masks, the
+regularisers) and element criteria (``sparsify``) alike, so a registered criterion works everywhere and
+gradients are collected one way: :class:`GradientCollector`, in eval mode (BatchNorm statistics are
+never touched), with ``torch.autograd.grad`` (no ``.grad`` fields or hooks are left on the model).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidOptionError
+from ..graph.capture import eval_mode
+from ..graph.dependency_graph import named_tensors
+from ..options import REDUCTIONS, check_choice
+
+if TYPE_CHECKING:
+    from ..graph.dependency_graph import DependencyGraph, Group
+    from ..graph.labels import Space
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Cross-entropy of ``model(inputs)`` against ``targets`` for an ``(inputs, targets)`` batch."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise InvalidOptionError("calibration batches must be (inputs, targets) pairs for the default "
+                                 "cross-entropy loss; pass loss_fn=lambda model, batch: ... for anything else")
+    inputs, targets = batch
+    output = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", output[0])
+    return F.cross_entropy(logits, targets)
+
+
+@dataclass
+class GradientStatistics:
+    """What the calibration batches say about one parameter.
+
+    ``abs``: mean |dL/dw| over batches, per element. ``channel_taylor[d]``: for dims 0 and 1, the sum
+    over batches of |per-channel sum of w * dL/dw| (Molchanov's first-order Taylor score of a channel).
+    ``element_taylor``: the sum over batches of |w * dL/dw| per element (collected only when asked).
+    """
+
+    abs: torch.Tensor
+    channel_taylor: List[torch.Tensor]
+    element_taylor: Optional[torch.Tensor] = None
+
+
+def _channel_sums(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum over every axis but ``dim`` (float64)."""
+    return values.movedim(dim, 0).reshape(values.shape[dim], -1).sum(1).double()
+
+
+class GradientCollector:
+    """Accumulate gradient statistics of every parameter over calibration batches, once.
+
+    Under torch.distributed the sums are all-reduced, so every rank scores (and prunes) identically.
+    """
+
+    def __init__(self, model: nn.Module, data: Optional[Iterable], loss_fn: Optional[LossFn]):
+        if data is None:
+            raise InvalidOptionError("gradient-based criteria need calibration data: pass data=<batches or "
+                                     "DataLoader> (and loss_fn=... unless batches are (inputs, targets) pairs)")
+        self.model, self.data, self.loss_fn = model, data, loss_fn or default_loss
+
+    def collect(self, element_taylor: bool = False) -> Dict[str, GradientStatistics]:
+        params = dict(self.model.named_parameters())
+        names, tensors = list(params), list(params.values())
+        flags = [t.requires_grad for t in tensors]
+        stats = [GradientStatistics(torch.zeros_like(t), [torch.zeros(t.shape[d], dtype=torch.float64, device=t.device)
+                                                          for d in range(min(t.ndim, 2))],
+                                    torch.zeros_like(t) if element_taylor else None) for t in tensors]
+        batches = 0
+        try:
+            for t in tensors:
+                t.requires_grad_(True)
+            with eval_mode(self.model), torch.enable_grad():
+                for batch in self.data:
+                    loss = self.loss_fn(self.model, batch)
+                    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+                    for stat, tensor, grad in zip(stats, tensors, grads):
+                        if grad is not None:
+                            self._accumulate(stat, tensor.detach(), grad)
+                    batches += 1
+        finally:
+            for t, flag in zip(tensors, flags):
+                t.requires_grad_(flag)
+        if batches == 0:
+            raise InvalidOptionError("the calibration data yielded no batches; pass a non-empty data=...")
+        self._all_reduce(stats, batches)
+        return dict(zip(names, stats))
+
+    @staticmethod
+    def _accumulate(stat: GradientStatistics, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        stat.abs += grad.abs()
+        product = weight * grad
+        for dim, total in enumerate(stat.channel_taylor):  # |per-channel w*g| of this batch
+            total += _channel_sums(product, dim).abs()
+        if stat.element_taylor is not None:
+            stat.element_taylor += product.abs()
+
+    @staticmethod
+    def _all_reduce(stats: List[GradientStatistics], batches: int) -> None:
+        counts = torch.tensor([float(batches)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for stat in stats:
+                for buffer in [stat.abs, *stat.channel_taylor] + ([stat.element_taylor]
+                                                                  if stat.element_taylor is not None else []):
+                    torch.distributed.all_reduce(buffer)
+            torch.distributed.all_reduce(counts)
+        for stat in stats:
+            stat.abs /= counts.item()
+
+
+@dataclass
+class ScoringContext:
+    """Everything a criterion may need, with per-tensor statistics computed once and shared.
+
+    Attributes:
+        model: the model being scored (its tensors are read, never changed).
+        graph: the :class:`~structprune.DependencyGraph` (None when only element scores are asked for).
+        data: calibration batches for gradient criteria (any iterable, e.g. a DataLoader).
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default: :func:`default_loss`.
+        reduction: how member scores combine into a unit score: ``mean``, ``sum`` or ``max``.
+        seed: seed of the ``random`` criterion (and nothing else).
+    """
+
+    model: nn.Module
+    graph: Optional["DependencyGraph"] = None
+    data: Optional[Iterable] = None
+    loss_fn: Optional[LossFn] = None
+    reduction: str = "mean"
+    seed: Optional[int] = None
+    _tensors: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _sums: Dict[tuple, Dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
+    _grads: Optional[Dict[str, GradientStatistics]] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_choice("reduction", self.reduction, REDUCTIONS)
+        self._tensors = named_tensors(self.model)
+
+    # ----- tensors and per-axis statistics -----------------------------------------------------------
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def trainable_members(self, group: "Group") -> Iterator[Tuple["Space", np.ndarray, torch.Tensor]]:
+        """(space, unit index, parameter) of every trainable member (running statistics excluded)."""
+        for space, index in zip(group.spaces, group.unit_index):
+            t = self._tensors[space.tensor]
+            if isinstance(t, nn.Parameter):
+                yield space, index, t
+
+    def axis_sums(self, name: str, values: Callable[[], torch.Tensor], key: str, dim: int) -> np.ndarray:
+        """Sum of ``values()`` (a tensor shaped like parameter ``name``, computed at most once per
+        ``key``) over every axis but ``dim``.
+
+        Reduced once per tensor to a (dim0, dim1) matrix, so the filter side and the input-channel
+        side of the same weight cost one pass.
+        """
+        cached = self._sums.get((name, key))
+        if cached is None:
+            with torch.no_grad():
+                v = values().detach()
+                v = v if v.is_floating_point() else v.float()
+                if v.ndim >= 2:
+                    matrix = v.reshape(v.shape[0], v.shape[1], -1)
+                    matrix = matrix.sum(-1) if matrix.shape[-1] > 1 else matrix.reshape(matrix.shape[:2])
+                    cached = {0: matrix.sum(1).double().cpu().numpy(), 1: matrix.sum(0).double().cpu().numpy()}
+                else:
+                    cached = {0: v.double().reshape(-1).cpu().numpy()}
+            self._sums[(name, key)] = cached
+        if dim not in cached:
+            with torch.no_grad():
+                v = values().detach().float()
+                cached[dim] = v.movedim(dim, 0).reshape(v.shape[dim], -1).sum(1).double().cpu().numpy()
+        return cached[dim]
+
+    def combine(self, group: "Group", per_member: List[np.ndarray]) -> np.ndarray:
+        """Aggregate per-member unit scores with ``self.reduction``."""
+        if not per_member:
+            return np.zeros(group.n_units)
+        stacked = np.stack(per_member)
+        return {"mean": stacked.mean, "sum": stacked.sum, "max": stacked.max}[self.reduction](axis=0)
+
+    # ----- gradients ---------------------------------------------------------------------------------------
+    def gradients(self, element_taylor: bool = False) -> Dict[str, GradientStatistics]:
+        """Gradient statistics of every parameter (see :class:`GradientStatistics`), collected once;
+        asking for ``element_taylor`` after a collection without it collects again."""
+        stale = self._grads is None or (element_taylor and next(iter(self._grads.values()), None) is not None
+                                        and next(iter(self._grads.values())).element_taylor is None)
+        if stale:
+            self._grads = GradientCollector(self.model, self.data, self.loss_fn).collect(element_taylor)
+        assert self._grads is not None
+        return self._grads
+
+    def gradient_of(self, tensor: torch.Tensor, element_taylor: bool = False) -> GradientStatistics:
+        """The gradient statistics of a parameter, found by identity (a parametrized weight's original
+        is reachable under a longer name than the weight)."""
+        stats = self.gradients(element_taylor)
+        for name, parameter in self.model.named_parameters():
+            if parameter is tensor:
+                return stats[name]
+        raise InvalidOptionError("gradient scores are only defined for the model's own parameters")
+
