@@ -37,6 +37,7 @@ TARGETS = ("params", "macs")
 def check_fraction(name: str, value: Any, *, closed: bool = False, example: str = "0.5") -> float:
     """A real number in [0, 1) (``closed``: [0, 1])."""
     upper = "1]" if closed else "1)"
+    # bool is a Real: ``ratio=True`` would otherwise pass as 1.0
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise InvalidRatioError(f"{name} must be a number in [0, {upper}, got {value!r}; pass e.g. {name}={example}")
     if not (0 <= float(value) <= 1 if closed else 0 <= float(value) < 1):
@@ -142,6 +143,7 @@ class ScoreOptions:
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
+        # imported here: scoring imports options, so a module-level import would be a cycle
         from .scoring.criteria import get_criterion  # the registry validates names and callables
 
         get_criterion(self.criterion)
@@ -205,6 +207,7 @@ class PlanOptions:
     def with_ratio(self, ratio: float) -> "PlanOptions":
         """The same options at another ratio (what the budget search bisects on; 1.0 allowed here)."""
         changed = dataclasses.replace(self, target=None)
+        # set after replace(): __post_init__ rejects 1.0, which the budget search needs to probe the maximum
         object.__setattr__(changed, "ratio", float(ratio))
         return changed
 

@@ -60,6 +60,7 @@ class PruningSession:
             self._check_materialised()
             context = ScoringContext(self.model, self.graph, data=score.data, loss_fn=score.loss_fn,
                                      reduction=score.reduction, seed=score.seed)
+            # rescoring keeps the groups a dry run already showed to break: new scores do not make them safe
             excluded = self._planner.excluded if self._planner is not None else set()
             self._planner = Planner(self.graph, context, get_criterion(score.criterion), self.options.plan.ignore)
             self._planner.exclude(excluded)
@@ -74,6 +75,8 @@ class PruningSession:
         plan = self._plan_once(planner)
         if dry_run is None:
             dry_run = self.options.prune.verify or self.graph.trace.tracer == "export"
+        # re-plan after each exclusion: under global scope the freed share goes to other layers, which may break
+        # in turn; the rounds are bounded, and verification stays the last line
         for _ in range(DRY_RUN_ROUNDS if dry_run else 0):
             broken = groups_that_break(self.model, self.graph, plan.drops,
                                        lambda drops: Plan(dict(drops)).element_mask(self.graph))
@@ -106,9 +109,12 @@ class PruningSession:
         dropped = plan.element_mask(self.graph)
         notes = self.graph.notes
         if onto is not None:
+            # no verifier: the zeroed reference is the scored model's, and ``onto`` holds other values
             return shrunk_copy(onto, self.graph, dropped, notes), None
         prune = self.options.prune
+        # built before shrinking: its reference runs the captured graph, whose modules an in-place shrink changes
         verifier = Verifier(self.graph, dropped) if prune.verify else None
+        # the check runs inside the rollback, so a failed verification restores an in-place model too
         with rollback(self.model) if prune.inplace else contextlib.nullcontext():
             if prune.inplace:
                 shrink(self.model, self.graph, dropped, notes)
@@ -126,6 +132,7 @@ class PruningSession:
         if not any(t.is_meta for t in self.model.parameters()):
             return
         criterion = self.options.score.criterion
+        # 'random' needs no values; a callable criterion is trusted to bring its own scores
         if self.options.prune.verify or (isinstance(criterion, str) and criterion != "random"):
             raise StructPruneError(
                 "the model's weights are on the meta device: magnitude criteria and verification need real "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, cast
 
 import numpy as np
 import torch
@@ -40,11 +40,13 @@ def _zero_dropped(value: Any, label: Label, dropped: np.ndarray) -> Any:
         for axis, elements in enumerate(label):
             if elements is None:
                 continue
+            # clip -1 to a valid index for the lookup; the (elements >= 0) term masks those entries out again
             gone = (elements >= 0) & dropped[np.maximum(elements, 0)]
             if gone.any():
                 shape = [1] * value.ndim
                 shape[axis] = len(elements)
                 keep = torch.as_tensor(~gone, device=value.device).reshape(shape)
+                # multiply by a broadcast mask rather than slicing: the reference keeps the original shapes throughout
                 value = value * keep.to(value.dtype) if value.is_floating_point() else value * keep
         return value
     if isinstance(value, (tuple, list)) and isinstance(label, list) and len(label) == len(value):
@@ -64,6 +66,8 @@ class ZeroingInterpreter(fx.Interpreter):
         self._dropped = dropped
 
     def run_node(self, n: fx.Node) -> Any:
+        # zero after every node, not only after the producing layer: a BatchNorm shift or a bias would make a
+        # dropped channel non-zero again, and the next layer would read what the pruned model no longer has
         return _zero_dropped(super().run_node(n), self._labels.get(n), self._dropped)
 
 
@@ -76,6 +80,7 @@ def _zeroed_leaf_parameters(dg: DependencyGraph, dropped: np.ndarray):
     its own weights can show. The caller's tensors are swapped back untouched: not even their
     autograd version counters change."""
     leaves = [n.target for n in dg.trace.graph.nodes if n.op == "call_module"]
+    # only parameters used inside a leaf module need this; get_attr tensors are zeroed as node outputs
     owned = {f"{path}.{name}" for path in leaves for name, _ in dg.trace.module.get_submodule(path).named_parameters()}
     zeroed: Dict[int, torch.Tensor] = {}
     for space in dg.spaces:
@@ -83,6 +88,7 @@ def _zeroed_leaf_parameters(dg: DependencyGraph, dropped: np.ndarray):
         if space.tensor in owned and gone.size:
             path, _, attr = space.tensor.rpartition(".")
             tensor = getattr(dg.model.get_submodule(path), attr)
+            # a weight pruned on two dims accumulates both fills; index_fill returns a new tensor, the caller's stays
             base = zeroed.get(id(tensor), tensor.detach())
             zeroed[id(tensor)] = base.index_fill(space.dim, torch.as_tensor(gone, device=tensor.device), 0)
     swapped = []
@@ -91,7 +97,10 @@ def _zeroed_leaf_parameters(dg: DependencyGraph, dropped: np.ndarray):
             for name, t in list(module._parameters.items()):
                 if t is not None and id(t) in zeroed:
                     swapped.append((module, name, t))
-                    module._parameters[name] = zeroed[id(t)]
+                    # straight into the slot dict: setattr would refuse a plain tensor where a Parameter is registered
+                    # (hence the slots typed wider than torch declares them)
+                    slots = cast(Dict[str, Optional[torch.Tensor]], module._parameters)
+                    slots[name] = zeroed[id(t)]
         yield
     finally:
         for module, name, t in reversed(swapped):
@@ -114,6 +123,7 @@ def is_exact(dg: DependencyGraph, dropped: np.ndarray) -> bool:
 def verify(dg: DependencyGraph, pruned: nn.Module, dropped: np.ndarray, reference: Any = None,
            exact: Optional[bool] = None) -> VerificationResult:
     """Compare ``pruned`` on the example input with the zeroed original (``reference`` if precomputed)."""
+    # fresh inputs: an in-place op in the pruned forward must not alter the example input used again later
     inputs = dg.inputs.cloned()
     if exact is None:
         exact = is_exact(dg, dropped)
@@ -138,12 +148,15 @@ def verify(dg: DependencyGraph, pruned: nn.Module, dropped: np.ndarray, referenc
             if exact and not torch.equal(ref, out):
                 return VerificationResult(False, exact, float("inf"), f"integer output {k} differs")
             continue
+        # a reference that is already non-finite (masked -inf logits) says nothing here, so only a finite one counts
         if not torch.isfinite(out).all() and torch.isfinite(ref).all():
             return VerificationResult(False, exact, float("inf"), f"output {k} has non-finite values")
         if exact and ref.numel():
             scale = ref.abs().max().item()
             err = (ref - out).abs().max().item()
             worst = max(worst, err / max(scale, 1e-12))
+            # relative to the largest magnitude, not element-wise: pruning reorders sums, so small outputs carry
+            # the absolute rounding error of large ones; the 1e-6 floors keep all-zero outputs comparable
             if err > RTOL * max(scale, 1e-6) + 1e-6:
                 return VerificationResult(False, exact, err / max(scale, 1e-12),
                                           f"output {k} differs from the zeroed original by {err:.3g} "
@@ -166,6 +179,7 @@ class Verifier:
     def __init__(self, dg: DependencyGraph, dropped: np.ndarray):
         self.dg, self.dropped = dg, dropped
         self.exact_part: Optional[VerificationResult] = None
+        # dropping only the channels whose groups see per-channel ops gives a model that must match exactly
         subset = dropped & dg.exact_elements
         if not is_exact(dg, dropped) and subset.any():
             self.exact_part = verify(dg, shrunk_copy(dg.model, dg, subset), subset, zeroed_reference(dg, subset),

@@ -17,10 +17,12 @@ import argparse
 import importlib.util
 import os
 import sys
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
+
+from ..errors import InvalidOptionError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _HF_SMALL = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -28,8 +30,8 @@ _HF_SMALL = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hid
                  max_position_embeddings=128, n_positions=128, image_size=32, patch_size=8)
 
 
-class SpecError(ValueError):
-    """A model spec or input shape that cannot be used."""
+class SpecError(InvalidOptionError):
+    """A model spec or input shape that cannot be used (bad usage: exit status 2)."""
 
 
 def parse_shape(text: str) -> Tuple[int, ...]:
@@ -59,7 +61,8 @@ def build_model(spec: str) -> Tuple[nn.Module, Optional[Tuple[int, ...]], str]:
             model = timm.create_model(name, pretrained=False).eval()
         except RuntimeError as error:
             raise SpecError(f"timm has no model {name!r} ({error})") from None
-        return model, tuple([1] + list(model.pretrained_cfg.get("input_size", (3, 224, 224)))), "image"
+        pretrained_cfg = cast(Dict[str, Any], model.pretrained_cfg)  # a plain dict on every timm model
+        return model, tuple([1] + list(pretrained_cfg.get("input_size", (3, 224, 224)))), "image"
     if source == "hf":
         return _hugging_face(name)
     if source.endswith(".py"):
@@ -75,6 +78,7 @@ def _hugging_face(name: str):
     if cls is None or config_cls is None:
         raise SpecError(f"transformers has no model class {name!r}")
     defaults = config_cls()
+    # _HF_SMALL names the fields of several families (BERT, GPT-2, LLaMA, ViT): each config takes its own
     small = {k: v for k, v in _HF_SMALL.items() if hasattr(defaults, k)}
     model = cls(config_cls(**small)).eval()
     vision = hasattr(defaults, "image_size") and hasattr(defaults, "num_channels")
@@ -86,6 +90,8 @@ def _from_file(path: str, factory: str) -> nn.Module:
     if not os.path.isfile(path):
         raise SpecError(f"no such file: {path}")
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    if spec is None or spec.loader is None:  # no loader for this kind of file
+        raise SpecError(f"{path} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # the user's own code, named on the command line
     build = getattr(module, factory, None)
@@ -206,6 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
+    # SpecError first: it is also an InvalidOptionError (a ValueError), but a bad spec is usage, exit 2
     except SpecError as error:
         print(f"structprune: {error}", file=sys.stderr)
         return EXIT_USAGE

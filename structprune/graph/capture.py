@@ -82,6 +82,7 @@ class LeafTracer(fx.Tracer):
         self._is_rule_leaf = is_rule_leaf
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # containers have no rule of their own: tracing through them exposes the children, which do
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
         return self._is_rule_leaf(m) or super().is_leaf_module(m, qualname)
@@ -90,6 +91,7 @@ class LeafTracer(fx.Tracer):
 @contextlib.contextmanager
 def mode(model: nn.Module, training: bool):
     """Run with every submodule in the given mode, then restore each module's own flag."""
+    # restore each module's own flag, not model.train(old): detection backbones keep frozen BatchNorm in eval
     flags = [(m, m.training) for m in model.modules()]
     model.train(training)
     try:
@@ -113,6 +115,7 @@ def _fx_trace(model: nn.Module, inputs: Inputs, is_rule_leaf) -> Trace:
     unknown = set(inputs.kwargs) - {p.name for p in params}
     if unknown:
         raise ExampleInputError(f"forward() has no argument(s) {sorted(unknown)}")
+    # omitted arguments are baked in with their defaults: as proxies, HF's ``if return_dict:`` would fail fx
     concrete = {p.name: p.default for p in params if p.name not in given and p.default is not p.empty}
     missing = [p.name for p in params if p.name not in given and p.default is p.empty]
     if missing:
@@ -145,6 +148,7 @@ def output_tensors(value: Any) -> list:
 
 
 def _is_cache(value: Any) -> bool:
+    # duck-typed (transformers' DynamicCache, StaticCache...) so that transformers need not be imported
     return any(cls.__name__.endswith("Cache") and hasattr(cls, "update") for cls in type(value).__mro__)
 
 
@@ -203,6 +207,7 @@ def capture(model: nn.Module, inputs: Inputs, is_rule_leaf, training: bool = Fal
         for name in order:
             try:
                 return attempts[name]()
+            # a wrong example input fails under every tracer: trying torch.export would only bury the real message
             except ExampleInputError:
                 raise
             except Exception as error:  # fx fails on data-dependent control flow and friends

@@ -54,6 +54,8 @@ class DependencyGraph:
         self.unknown_ops: Counter = Counter()
         self.notes: List[str] = []
         self.trace: Trace = capture(model, self.inputs, has_module_rule, tracer=tracer)
+        # shapes in eval mode: the labels must describe the inference graph, and a training-mode pass would move
+        # BatchNorm statistics and consume RNG on the caller's model
         with eval_mode(model):
             propagate_shapes(self.trace, self.trace.run_args(self.inputs), shape_function_for)
         self.labels: Dict[fx.Node, Label] = self._walk(self.trace)
@@ -75,6 +77,8 @@ class DependencyGraph:
             self.notes.append(f"training-mode forward could not be traced ({type(error).__name__}); "
                               f"{len(idle)} tensors unused in eval mode were left alone")
             return
+        # the training walk writes into the same state, so its couplings meet the eval walk's in one union-find;
+        # its labels are dropped (later stages read the eval graph only)
         self._walk(trace)
 
     # ----- label propagation ---------------------------------------------------------------------------
@@ -84,6 +88,7 @@ class DependencyGraph:
         canonical: Dict[int, str] = {}
         for name, t in tensors.items():
             canonical.setdefault(id(t), name)  # a shared tensor is known by its first name
+        # every alias resolves to one name, so tied weights (embedding and LM head) share one space and stay tied
         by_name = {name: canonical[id(t)] for name, t in tensors.items()}
         labels: Dict[fx.Node, Label] = {}
         ctx = RuleContext(trace.module, self.model, state, labels, canonical, exported=trace.tracer == "export",
@@ -104,6 +109,7 @@ class DependencyGraph:
         name = by_name.get(str(node.target))
         if name is None or not isinstance(meta, TensorMeta):
             return unlabeled(meta)
+        # no space for a size-1 axis: one channel is always kept, and it is a broadcast axis ((1, C, 1, 1) scales)
         return tuple(self.state.param_axis(name, d, s) if s > 1 else None for d, s in enumerate(meta.shape))
 
     def _apply_rule(self, ctx: RuleContext, node: fx.Node, meta: Any) -> Label:
@@ -114,6 +120,7 @@ class DependencyGraph:
                 self.unknown_ops[op_name(node, ctx.modules)] += 1  # only ops that touch channels matter
             ctx.freeze_inputs("no rule for this op")
             return unlabeled(meta)
+        # checkpoint first: a rule may have recorded couplings before it raised, and half a rule is worse than none
         checkpoint = self.state.checkpoint()
         try:
             label = fn(ctx, node)
@@ -122,6 +129,7 @@ class DependencyGraph:
                 raise
             reason = f"its rule failed ({type(error).__name__}: {error})"
         else:
+            # a label of the wrong length would silently mislabel every consumer downstream: treat it as a failure
             if fits(label, meta):
                 return label
             reason = "its rule returned a label of the wrong shape"
@@ -137,6 +145,7 @@ class DependencyGraph:
         tensor of the module, also if a later node creates their spaces."""
         for tensor in self.state.rollback(checkpoint):
             self.state.freeze_tensor(tensor, reason)
+        # a failed module rule may have touched any of its tensors, spaces created earlier included: freeze them all
         if node.op == "call_module":
             self.state.freeze_tensor(f"{node.target}.", reason)
 
@@ -190,9 +199,11 @@ class DependencyGraph:
                 g.add_node(s.id, tensor=s.tensor, dim=s.dim, size=s.size, group=getattr(s, "group", None))
             starts = np.array([s.start for s in self.state.spaces], dtype=np.int64)
             for a, b, op in self.state.pairs:
+                # spaces own consecutive ranges with ascending starts: the last start <= element is its space
                 sa = np.searchsorted(starts, a, side="right") - 1
                 sb = np.searchsorted(starts, b, side="right") - 1
                 for u, v in set(zip(sa.tolist(), sb.tolist())):
+                    # a coupling inside one space (grouped conv, head split) is no edge between spaces
                     if u != v:
                         if g.has_edge(u, v):
                             g.edges[u, v]["ops"].add(op)
@@ -253,6 +264,7 @@ def _idle_tensor_names(trace: Trace, tensors: Dict[str, torch.Tensor]) -> List[s
             return True
         path = name.rpartition(".")[0]
         while path:
+            # a leaf module call reads every tensor below it, so any called ancestor counts as a use
             if path in called:
                 return True
             path = path.rpartition(".")[0]
@@ -265,6 +277,7 @@ def _idle_tensor_names(trace: Trace, tensors: Dict[str, torch.Tensor]) -> List[s
 def preserved_state(model: nn.Module):
     """Undo what a training-mode forward pass changes: buffers (BatchNorm statistics) and the RNG."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    # fork_rng restores the CPU generator and the CUDA devices named: the training forward's dropout draws from them
     cuda = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
     with torch.random.fork_rng(devices=cuda):
         try:

@@ -80,8 +80,8 @@ class HeadSplit:
     pruning shortens (an int: its size never changes)."""
 
     path: str
-    heads: Union[AxisLabel, int]
-    dims: Union[AxisLabel, int]
+    heads: Union[np.ndarray, int]
+    dims: Union[np.ndarray, int]
 
 
 class Checkpoint(NamedTuple):
@@ -130,9 +130,11 @@ class ChannelState:
             self.spaces.append(space)
             self.axis_spaces[key] = space
             self.n_elements += size
+            # a tensor a failed rule reached stays frozen even when a later node creates its space afresh (see rollback)
             reason = self._frozen_reason(tensor) if self.frozen_tensors else None
             if reason is not None:
                 self.freeze(space.elements, reason)
+        # one axis seen with two sizes is a rule bug (a wrong dim): raising makes _apply_rule roll it back and freeze
         elif space.size != size:
             raise RuntimeError(f"{tensor} dim {dim} seen with sizes {space.size} and {size}")
         return space.elements
@@ -150,6 +152,8 @@ class ChannelState:
         both = known_a & known_b
         if both.any():
             self.pairs.append(Coupling(a[both], b[both], op))
+        # an element facing an unlabelled index (a constant, a model input) can never be dropped on its side
+        # alone, so it is frozen rather than silently left uncoupled
         lonely = np.concatenate([a[known_a & ~known_b], b[known_b & ~known_a]])
         if lonely.size:
             self.freeze(lonely, f"{op}: coupled to a tensor axis with no prunable channels")
@@ -194,6 +198,8 @@ class ChannelState:
         dropped = [space.tensor for space in self.spaces[checkpoint.spaces:]]
         for space in self.spaces[checkpoint.spaces:]:
             del self.axis_spaces[(space.tensor, space.dim)]
+        # element ids are reused after a rollback (n_elements goes back), which is safe only because every record
+        # that could name them is truncated here too; the caller discards the failed node's label
         for key in list(self.attribute_axes)[checkpoint.attribute_axes:]:  # dicts keep insertion order
             del self.attribute_axes[key]
         del self.spaces[checkpoint.spaces:], self.pairs[checkpoint.pairs:], self.frozen[checkpoint.frozen:]
@@ -258,9 +264,13 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             return root
         ra, rb = ra[differ], rb[differ]
         low = np.minimum(ra, rb)
+        # hook both roots onto the smaller one (``minimum.at`` is unbuffered: a root in several pairs keeps the
+        # smallest). Pointers only decrease, so no cycle forms and each class ends at its smallest element
         np.minimum.at(root, ra, low)
         np.minimum.at(root, rb, low)
         while True:
+            # compress by pointer jumping: each pass halves every path, so a few passes flatten the forest and
+            # root[a], root[b] in the next round are true roots again
             nxt = root[root]
             if np.array_equal(nxt, root):
                 break

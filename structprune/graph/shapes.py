@@ -123,6 +123,7 @@ class MetaShapeProp(ShapeProp):
     def call_module(self, target, args, kwargs) -> Any:
         module = self._modules[target]
         fn = self._shape_of(module)
+        # a formula would skip the module's hooks, and a hook may change the output shape: run it then
         if fn is not None and not (module._forward_hooks or module._forward_pre_hooks):
             return fn(module, *args, **kwargs)
         tensors = {name: self._meta(t) for name, t in
@@ -142,6 +143,7 @@ def propagate_shapes(trace, args: list, shape_of: ShapeLookup = _no_formulas) ->
             MetaShapeProp(trace.module, trace.graph, shape_of).run(
                 *[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
         return
+    # meta fails on ops that need data (``.item()``, nonzero) or mix devices: fall back to a real forward
     except Exception:
         pass
     with torch.no_grad():

@@ -89,10 +89,13 @@ def solve(state: ChannelState) -> Tuple[np.ndarray, np.ndarray, List[Group]]:
     sizes = np.array([sp.size for sp in state.spaces], dtype=np.int64)
     element_space = np.repeat(np.arange(n_spaces), sizes)  # spaces own consecutive element ranges
     # two spaces are in one group when an element of one shares a unit with an element of the other
+    # (pairing each element's space with the space of its unit root links exactly the spaces that share a unit)
     space_group = connected_components(n_spaces, element_space, element_space[unit_root])
     element_group = space_group[element_space]
 
     frozen, reasons = _frozen_units(unit_root, state.frozen)
+    # one approximate op (LayerNorm, softmax over channels) anywhere in a group makes the whole group inexact:
+    # its kept channels see statistics that also read the dropped ones
     inexact_groups = set(np.unique(element_group[np.concatenate([e for e, _ in state.inexact])]).tolist()) \
         if state.inexact else set()
     # elements whose group only sees per-channel ops: their pruning can be checked value for value
@@ -103,20 +106,24 @@ def solve(state: ChannelState) -> Tuple[np.ndarray, np.ndarray, List[Group]]:
     is_producer[producer_elements] = True
 
     roots, order, sorted_groups, local = _number_units(unit_root, element_group)
+    # units per group, indexed by the group's root space id (a space id, so n_spaces bins always suffice)
     counts = np.bincount(sorted_groups, minlength=n_spaces)
 
     by_group: Dict[int, List[Space]] = {}
     for space in state.spaces:
         by_group.setdefault(int(space_group[space.id]), []).append(space)
     groups: List[Group] = []
+    # a group's first space is its root (the smallest id): group ids follow space order, stable across runs
     for gid, (root, spaces) in enumerate(by_group.items()):
         index = [local[sp.start:sp.start + sp.size] for sp in spaces]
+        # the group's unit roots are one run of the group-sorted roots, in _number_units' order: units[i] is unit i
         lo = int(np.searchsorted(sorted_groups, root))
         units = roots[order[lo:lo + counts[root]]]
         unit_frozen = frozen[units]
         group_reasons = [reasons[u] for u in units[unit_frozen][:8].tolist() if u in reasons]
         origin = np.full(int(counts[root]), -1, np.int64)
         for k in range(len(spaces) - 1, -1, -1):  # the first producing space wins
+            # producers are marked from the first index of a layer's output axis, so its first element tells
             if is_producer[spaces[k].start]:
                 origin[index[k]] = k
         groups.append(Group(gid, spaces, index, int(counts[root]), unit_frozen, group_reasons, units,
@@ -132,7 +139,9 @@ def _frozen_units(unit_root: np.ndarray, marks: List[Mark]) -> Tuple[np.ndarray,
     reasons: Dict[int, str] = {}
     for elements, why in marks:
         roots = unit_root[elements]
+        # a freeze on any element freezes its whole unit: record it at the root, where the caller reads it
         frozen[roots] = True
+        # reasons are only for display; a sample of 64 bounds the cost of huge marks (a frozen embedding table)
         for root in np.unique(roots[:64]).tolist():
             reasons.setdefault(root, why)
     return frozen, reasons
@@ -143,11 +152,15 @@ def _number_units(unit_root: np.ndarray, element_group: np.ndarray) -> Tuple[np.
     ascending). Returns the roots, their order, the sorted group ids and each element's unit number."""
     n = len(unit_root)
     roots = np.flatnonzero(unit_root == np.arange(n))
+    # roots come out ascending from flatnonzero; a stable sort by group keeps them ascending inside each group
     order = np.argsort(element_group[roots], kind="stable")
     sorted_groups = element_group[roots][order]
+    # searchsorted of a sorted array into itself gives, for every entry, where its group's run starts;
+    # subtracting that from the entry's position numbers the units of each group 0..k-1
     first = np.searchsorted(sorted_groups, sorted_groups)
     local_of_root = np.empty(len(roots), np.int64)
     local_of_root[order] = np.arange(len(roots)) - first
+    # position: root element -> its index in ``roots``, so every element can look up its unit's number
     position = np.empty(n, np.int64)
     position[roots] = np.arange(len(roots))
     return roots, order, sorted_groups, local_of_root[position[unit_root]]

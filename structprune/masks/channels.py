@@ -33,6 +33,7 @@ class Channel(Granularity):
     def apply(self, request: MaskRequest) -> SparsityReport:
         if request.example_input is None:
             raise InvalidOptionError("channel masks need example_input=... to find which channels are coupled")
+        # the second call adds sparsify's own keywords, so only the first can name a user's typo as sparsify's
         Options.from_kwargs(allowed=CHANNEL_OPTIONS, caller="sparsify", **request.options)  # names first
         options = Options.from_kwargs(
             ratio=request.sparsity, scope=request.scope, criterion=request.criterion, data=request.context.data,
@@ -63,6 +64,7 @@ def apply_masks(model: nn.Module, example_input: Any, **options: Any) -> nn.Modu
     keyword arguments), and so do the trace options (``tracer``, ``attention``). The copy's outputs
     equal the masked model's (checked; :class:`~structprune.VerificationError` otherwise)."""
     require_module(model)
+    # masks baked into plain weights: the analysis then sees exact zeros, and the caller's model keeps its masks
     twin = baked_copy(model)
     session = PruningSession(twin, example_input, Options.from_kwargs(allowed=("tracer", "attention"),
                                                                       caller="apply_masks", **options))
@@ -79,9 +81,12 @@ def apply_masks(model: nn.Module, example_input: Any, **options: Any) -> nn.Modu
             seen = True
             nonzero = tensor.detach().ne(0).movedim(space.dim, 0).reshape(space.size, -1).any(1).cpu().numpy()
             alive = np.zeros(group.n_units, bool)
+            # a unit is alive if any of its slices in any member tensor holds a non-zero: unbuffered OR per unit
             np.logical_or.at(alive, index, nonzero)
             zero &= ~alive
         units = np.flatnonzero(zero & ~group.frozen_units)
+        # inexact groups (LayerNorm over them) are left alone: removing a zeroed channel there would change the
+        # statistics, so the result could no longer equal the masked model
         if seen and units.size and group.exact and units.size < group.n_units:
             drops[group.id] = units
     small, _ = session.apply(Plan(drops))  # verified against the zeroed (masked) twin

@@ -46,6 +46,7 @@ class MaskRequest:
         """Every tensor to mask: Linear/Conv weights by default, or the parameters matching ``targets``."""
         found = []
         for path, module in self.model.named_modules():
+            # a weight masked before lives under ``parametrizations``, not ``_parameters``: list both to mask it again
             names = list(module._parameters) + list(getattr(module, "parametrizations", {}).keys())
             for attr in dict.fromkeys(names):
                 fqn = f"{path}.{attr}" if path else attr
@@ -172,6 +173,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     runs = moved.reshape(-1, m)
     patterns = torch.tensor([[1.0 if i in combo else 0.0 for i in range(m)]
                              for combo in itertools.combinations(range(m), n)], dtype=runs.dtype, device=runs.device)
+    # one matmul scores every run against every pattern (C(4, 2) = 6): exact, no greedy top-n per run
     best = (runs @ patterns.t()).argmax(dim=1)
     return patterns[best].reshape(moved.shape).movedim(-1, 1).bool()
 

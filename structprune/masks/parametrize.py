@@ -7,7 +7,7 @@ the zeros (the effective weight is recomputed every forward); :func:`remove_mask
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, cast
 
 import torch
 from torch import nn
@@ -19,6 +19,8 @@ from ..surgery.copying import deep_copy_module
 class Mask(nn.Module):
     """Parametrization ``weight -> weight * mask``; ``granularity`` says how the mask was made."""
 
+    mask: torch.Tensor  # a buffer
+
     def __init__(self, mask: torch.Tensor, granularity: str):
         super().__init__()
         self.register_buffer("mask", mask)
@@ -28,10 +30,15 @@ class Mask(nn.Module):
         return weight * self.mask
 
 
+def parametrization_list(module: nn.Module, attr: str) -> parametrize.ParametrizationList:
+    """The parametrizations of ``module.attr`` (which must be parametrized)."""
+    return getattr(module.parametrizations, attr)
+
+
 def original(module: nn.Module, attr: str) -> torch.Tensor:
     """The unmasked tensor (under an existing parametrization, its original)."""
     if parametrize.is_parametrized(module, attr):
-        return getattr(module.parametrizations, attr).original
+        return parametrization_list(module, attr).original
     return getattr(module, attr)
 
 
@@ -39,8 +46,9 @@ def set_mask(module: nn.Module, attr: str, mask: torch.Tensor, granularity: str)
     """Register (or tighten) the mask of ``module.attr``: an existing mask is AND-ed with the new one."""
     mask = mask.to(dtype=original(module, attr).dtype, device=original(module, attr).device)
     if parametrize.is_parametrized(module, attr):
-        for p in getattr(module.parametrizations, attr):
+        for p in parametrization_list(module, attr):
             if isinstance(p, Mask):
+                # tighten in place rather than stack a second Mask: the report and remove_masks expect one per tensor
                 p.mask.mul_(mask)
                 p.granularity = granularity
                 return
@@ -95,7 +103,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
 
 def masks(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Every mask of ``model`` by fully-qualified tensor name."""
-    found = {}
+    found: Dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
         for attr, plist in getattr(module, "parametrizations", {}).items():
             for p in plist:
@@ -108,6 +116,7 @@ def remove_masks(model: nn.Module) -> nn.Module:
     """Bake every mask into its weight (zeros stay zeros) and drop the parametrizations."""
     for module in list(model.modules()):
         for attr in list(getattr(module, "parametrizations", {}).keys()):
+            # parametrizations the user added (weight_norm, orthogonal) stay: baking them would change their behaviour
             if all(isinstance(p, Mask) for p in getattr(module.parametrizations, attr)):
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
     return model
@@ -120,8 +129,9 @@ def baked_copy(model: nn.Module) -> nn.Module:
     twin = deep_copy_module(model)
     for module in twin.modules():
         if parametrize.is_parametrized(module):
-            effective = {attr: getattr(module, attr).detach().clone() for attr in module.parametrizations}
-            grads = {attr: module.parametrizations[attr].original.requires_grad for attr in effective}
+            names = list(cast(nn.ModuleDict, module.parametrizations))
+            effective = {attr: getattr(module, attr).detach().clone() for attr in names}
+            grads = {attr: parametrization_list(module, attr).original.requires_grad for attr in effective}
             del module._modules["parametrizations"]
             module.__class__ = module.__class__.__bases__[0]  # the class before parametrization
             for attr, value in effective.items():

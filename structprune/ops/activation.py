@@ -7,6 +7,7 @@ the values (marked approximate), every other axis passes through.
 from __future__ import annotations
 
 import operator
+from typing import Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,10 @@ def unary(ctx: RuleContext, node):
 
 # ---- ops that mix values along one axis -------------------------------------------------------------
 def _axis(ctx: RuleContext, node, default) -> int:
-    dim = ctx.module.dim if node.op == "call_module" else ctx.arg(1, "dim")
+    if node.op == "call_module":
+        dim = cast(Union[nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.GLU], ctx.module).dim
+    else:
+        dim = ctx.arg(1, "dim")
     return default if dim is None else dim
 
 
@@ -105,10 +109,12 @@ def glu(ctx: RuleContext, node):
     x = ctx.arg(0)
     label = list(ctx.tlabel(x))
     dim = norm_dim(_axis(ctx, node, -1), len(label))
-    if label[dim] is not None:
+    axis = label[dim]
+    if axis is not None:
         half = ctx.meta(x).shape[dim] // 2
-        ctx.unify(label[dim][:half], label[dim][half:], half)
-        label[dim] = label[dim][:half]
+        # channel i of the value half is gated by channel i of the gate half: they can only go together
+        ctx.unify(axis[:half], axis[half:], half)
+        label[dim] = axis[:half]
     return tuple(label)
 
 

@@ -46,5 +46,6 @@ def broadcast_elementwise(ctx: RuleContext, node):
                 axes.append(label[j])
             elif label[j] is not None:
                 ctx.freeze(label[j], "a channel axis broadcast against a larger axis")
+        # a residual add ties both branches channel by channel: what one loses, the other must lose too
         result.append(ctx.unify_all(axes, size) if size > 1 or any(a is not None for a in axes) else None)
     return tuple(result)

@@ -27,6 +27,8 @@ def _grouped(ctx: RuleContext, q_axis: AxisLabel, kv_axis: AxisLabel, n_q: int, 
         ctx.freeze(q_axis, "query heads not a multiple of key/value heads")
         ctx.freeze(kv_axis, "query heads not a multiple of key/value heads")
         return
+    # repeat gives every query head the label of the kv head it reads; unifying then ties each kv head to its
+    # n_rep query heads, so a kv head can only go together with its whole query group
     expanded = None if kv_axis is None else np.repeat(kv_axis, n_q // n_kv)
     ctx.unify(q_axis, expanded, n_q)
 
@@ -45,10 +47,12 @@ def scaled_dot_product_attention(ctx: RuleContext, node):
     if not (len(query_label) == len(key_label) == len(value_label) >= 3):
         ctx.freeze_inputs("attention inputs of unequal rank")
         return ctx.unlabeled_output()
+    # q . k sums over E index by index: dropping a dim on one side only would pair the wrong dims
     ctx.unify(query_label[-1], key_label[-1], query_meta.shape[-1])
     if ctx.arg(6, "scale") is None and query_label[-1] is not None:
         ctx.freeze(query_label[-1],
                    "head dims under the implicit 1/sqrt(head_dim) softmax scale (pass scale= to prune them)")
+    # positions are never pruned, but k and v must agree on them; unified first, the freeze reaches v's label too
     ctx.unify(key_label[-2], value_label[-2], key_meta.shape[-2])
     ctx.freeze(key_label[-2], "key positions of an attention")
     ctx.freeze(query_label[-2], "query positions of an attention")
@@ -58,6 +62,7 @@ def scaled_dot_product_attention(ctx: RuleContext, node):
         key_value = ctx.unify_all([key_label[i], value_label[i]], key_meta.shape[i])
         if query_meta.shape[i] == key_meta.shape[i]:
             batch.append(ctx.unify_all([query_label[i], key_value], query_meta.shape[i]))
+        # only the head axis (third from the end) may differ, and only under enable_gqa (> 0: no division by zero)
         elif i == n - 3 and key_meta.shape[i] > 0:
             _grouped(ctx, query_label[i], key_value, query_meta.shape[i], key_meta.shape[i])
             batch.append(query_label[i])
@@ -89,15 +94,17 @@ def multihead_attention(ctx: RuleContext, node):
     the output projection's input columns follow. The output width (``out_proj`` rows) is free.
     """
     m = ctx.module
+    # bias_k/bias_v (a learned extra key) and own kdim/vdim widths do not fit the one-index tying below
     if m.bias_k is not None or not m._qkv_same_embed_dim and (m.kdim != m.embed_dim or m.vdim != m.embed_dim):
         ctx.freeze_inputs("nn.MultiheadAttention with add_bias_kv or separate key/value widths")
         return ctx.unlabeled_output()
     query, key, value = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     e, h = m.embed_dim, m.num_heads
-    path = ctx.node.target
+    path = ctx.module_path
     if m._qkv_same_embed_dim:
         rows = ctx.module_param("in_proj_weight", 0)
         cols = ctx.module_param("in_proj_weight", 1)
+        # in_proj_weight stacks the q, k and v rows in one tensor: one space, split into thirds by element
         pieces = [rows[:e], rows[e:2 * e], rows[2 * e:]]
         bias = ctx.module_param("in_proj_bias", 0)
         ctx.attach(bias, rows)
@@ -107,19 +114,23 @@ def multihead_attention(ctx: RuleContext, node):
         inputs = [ctx.module_param(f"{n}_proj_weight", 1) for n in "qkv"]
         bias = ctx.module_param("in_proj_bias", 0)
         if bias is not None:
+            # the bias stays packed (3 * embed_dim) even when the weights are separate
             ctx.unify(bias, np.concatenate(pieces), 3 * e)
     out_proj = ctx.model.get_submodule(path + ".out_proj")
     out_cols = ctx.param_axis(out_proj, path + ".out_proj", "weight", 1)
     out_rows = ctx.param_axis(out_proj, path + ".out_proj", "weight", 0)
     ctx.attach(ctx.param_axis(out_proj, path + ".out_proj", "bias", 0), out_rows)
+    # one embed_dim serves q, k, v and the attention output (out_proj's columns): tie them index by index
     for piece in pieces[1:] + [out_cols]:
         ctx.unify(pieces[0], piece, e)
     for x, cols in zip((query, key, value), inputs):
         label = ctx.tlabel(x)
         ctx.unify(label[-1] if label else None, cols, e)
         ctx.unify(cols, pieces[0], e)  # forward() checks query width == embed_dim
+    # keeper 0 on (heads, head_dim): only whole heads can go, which is what nn.MultiheadAttention can express
     heads = tie_split(ctx, pieces[0], [h, e // h], 0)
     weights_out = ctx.out[1] if isinstance(ctx.out, (list, tuple)) else None
+    # the weights count as read unless every user is ``out[0]`` or an unused ``out[1]`` (need_weights defaults True)
     weights_read = weights_out is not None and any(
         user.target is not operator.getitem or (user.args[1] != 0 and user.users) for user in node.users)
     mask = ctx.arg(5, "attn_mask")  # forward(query, key, value, key_padding_mask, need_weights, attn_mask, ...)
@@ -129,6 +140,7 @@ def multihead_attention(ctx: RuleContext, node):
         ctx.freeze(heads, "attention weights returned, or a per-head mask, fix the head count")
     ctx.record_head_split(path, heads, e // h)
     ctx.mark_producer(out_rows)
+    # q rows stand for the whole in_proj space: k and v are unified with them, and they come first in it
     ctx.mark_producer(pieces[0])
     label = ctx.tlabel(query)
     out = tuple(label[:-1]) + (out_rows,)
@@ -137,6 +149,7 @@ def multihead_attention(ctx: RuleContext, node):
 
 def update_multihead_attention(module: nn.MultiheadAttention, old: Dict[str, tuple]) -> None:
     """Whole heads were removed: the head size stays, the head count and widths shrink."""
+    # the module still holds its pre-pruning sizes here, so head_dim must be read before they are rewritten
     head_dim = module.embed_dim // module.num_heads
     rows = (module.in_proj_weight.shape[0] // 3) if module.in_proj_weight is not None \
         else module.q_proj_weight.shape[0]

@@ -20,6 +20,7 @@ def expand(ctx: RuleContext, node):
     lead = out.ndim - len(label)
     result: List[AxisLabel] = [None] * lead
     for k, axis in enumerate(label):
+        # an axis kept at its size keeps its label; an expanded size-1 axis is copies of nothing prunable
         result.append(axis if out.shape[k + lead] == ctx.meta(x).shape[k] else None)
     entries = shape_args(ctx, node, 1)
     if len(entries) != out.ndim:
@@ -36,6 +37,7 @@ def expand_as(ctx: RuleContext, node):
     result = list(target)
     for k, axis in enumerate(label):
         if ctx.meta(x).shape[k] == ctx.out.shape[k + lead]:
+            # the sizes come from ``other``: an axis of x that keeps its size must shrink with other's
             result[k + lead] = ctx.unify_all([axis, target[k + lead]], ctx.out.shape[k + lead])
     return tuple(result)
 
@@ -70,6 +72,7 @@ def repeat(ctx: RuleContext, node):
     result: List[AxisLabel] = [None] * lead
     for k, axis in enumerate(label):
         times = out.shape[k + lead] // max(ctx.meta(x).shape[k], 1)
+        # every copy keeps its channel's element, so dropping a channel drops all its copies at once
         result.append(None if axis is None else np.tile(axis, times))
     return tuple(result)
 
@@ -83,6 +86,8 @@ def repeat_interleave(ctx: RuleContext, node):
         ctx.freeze(tuple(label), "repeat_interleave without a constant repeat count and dim")
         return ctx.unlabeled_output()
     dim = norm_dim(dim, len(label))
-    if label[dim] is not None:
-        label[dim] = np.repeat(label[dim], repeats)
+    axis = label[dim]
+    if axis is not None:
+        # each index repeated in place: LLaMA-style repeat_kv ties each kv head to the query heads reading it
+        label[dim] = np.repeat(axis, repeats)
     return tuple(label)

@@ -24,8 +24,19 @@ class RuleContext:
         self._canonical = canonical  # id(tensor) -> canonical fully-qualified name
         self.exported = exported  # torch.export bakes every shape read into the graph as a literal
         self.attention = attention  # what a head split prunes: whole "heads" or the same "head_dims" in each
-        self.node: Optional[fx.Node] = None
+        self._node: Optional[fx.Node] = None  # set by the graph walk before each rule runs
         self.op = ""
+
+    @property
+    def node(self) -> fx.Node:
+        """The node whose rule is running."""
+        if self._node is None:
+            raise RuntimeError("RuleContext.node read outside a rule: no node is being labelled")
+        return self._node
+
+    @node.setter
+    def node(self, node: fx.Node) -> None:
+        self._node = node
 
     # ----- reading the node -------------------------------------------------------------------
     def arg(self, index: int, name: Optional[str] = None, default: Any = None) -> Any:
@@ -52,6 +63,7 @@ class RuleContext:
         label = self.label(value)
         if not isinstance(meta, TensorMeta):
             return ()
+        # a node without a recorded label (walked before it, or voided) reads as unlabelled, never as missing
         if not isinstance(label, tuple) or len(label) != meta.ndim:
             return (None,) * meta.ndim
         return label
@@ -69,8 +81,16 @@ class RuleContext:
         return isinstance(self.meta(value), TensorMeta)
 
     @property
+    def module_path(self) -> str:
+        """Qualified name of the module a ``call_module`` node calls."""
+        target = self.node.target
+        if not isinstance(target, str):
+            raise TypeError(f"{self.op}: not a call_module node (its target is {target!r})")
+        return target
+
+    @property
     def module(self) -> nn.Module:
-        return self.modules[self.node.target]
+        return self.modules[self.module_path]
 
     def tensor_inputs(self) -> list:
         found = []
@@ -101,7 +121,7 @@ class RuleContext:
         return self._state.param_axis(fqn, dim, tensor.shape[dim])
 
     def module_param(self, name: str, dim: int) -> AxisLabel:
-        return self.param_axis(self.module, self.node.target, name, dim)
+        return self.param_axis(self.module, self.module_path, name, dim)
 
     def own_attribute(self, weight_node: Any, cls: type, attribute: str, literal: Any) -> bool:
         """Is ``literal`` (a constant baked into the graph) the current value of ``attribute`` of the
@@ -111,6 +131,8 @@ class RuleContext:
             return False
         owner_path = weight_node.target.rpartition(".")[0]
         stack = self.node.meta.get("nn_module_stack") or {}
+        # the innermost module on the stack is the one whose forward makes the call; a literal passed in by a
+        # parent (a blur with groups=channels around a conv) equals the attribute by chance only
         if not stack or list(stack.values())[-1][0] != owner_path:
             return False
         try:
@@ -118,6 +140,7 @@ class RuleContext:
         except AttributeError:
             return False
         value = getattr(owner, attribute, None)
+        # ``normalized_shape`` is stored as a tuple but may be baked into the graph as a list
         value = tuple(value) if isinstance(value, (list, tuple)) else value
         return isinstance(owner, cls) and value == literal
 
@@ -147,8 +170,10 @@ class RuleContext:
             return None
         first = present[0]
         for other in present[1:]:
+            # the same array twice (x + x, one tensor read twice) needs no coupling
             if other is not first:
                 self.unify(first, other, size)
+        # unifying with None freezes ``first``, and through the couplings just made, every other axis too
         if len(present) < len(axes):
             self.unify(first, None, size)
         return first
@@ -187,7 +212,7 @@ class RuleContext:
         the number of kept elements after pruning."""
         self._state.record_width(path, attribute, axis)
 
-    def record_head_split(self, path: str, heads: Union[AxisLabel, int], dims: Union[AxisLabel, int]) -> None:
+    def record_head_split(self, path: str, heads: Union[np.ndarray, int], dims: Union[np.ndarray, int]) -> None:
         """The forward of module ``path`` splits a projection into (heads, head_dim): its head-count
         and head-size attributes are rewritten after pruning (an int: that size never changes)."""
         self._state.record_head_split(HeadSplit(path, heads, dims))

@@ -28,6 +28,7 @@ def matmul(ctx: RuleContext, node):
     """(..., n, k) @ (..., k, m): k is contracted (both sides drop the same k), batch axes broadcast."""
     left, right = ctx.arg(0), ctx.arg(1)
     left_label, right_label = ctx.tlabel(left), ctx.tlabel(right)
+    # a 1-d operand is promoted and its axis removed again: too rare to be worth its own bookkeeping
     if len(left_label) < 2 or len(right_label) < 2:
         ctx.freeze_inputs("matrix-vector product")
         return ctx.unlabeled_output()
@@ -46,6 +47,8 @@ def matmul(ctx: RuleContext, node):
                 ctx.freeze(label[j], "broadcast batch axis of a matmul")
         batch.append(ctx.unify_all(axes, size) if axes else None)
     out = tuple(batch) + (left_label[-2], right_label[-1])
+    # the right operand's columns are new features (x @ W); in attention's q @ k^T they are key positions,
+    # which carry no label, so nothing is marked there
     ctx.mark_producer(right_label[-1])
     return out
 
@@ -60,8 +63,10 @@ def addmm(ctx: RuleContext, node):
         return ctx.unlabeled_output()
     ctx.unify(left_label[1], right_label[0], ctx.meta(left).shape[1])
     out_cols = right_label[1]
+    # a (out,) or (1, out) bias is added to every row: it must lose the same output columns as W
     if bias_label and ctx.meta(bias).shape[-1] == ctx.out.shape[1]:
         out_cols = ctx.unify_all([out_cols, bias_label[-1]], ctx.out.shape[1])
+    # the rows of a 2-d bias are batch/token positions, which are never pruned
     if bias_label and len(bias_label) == 2:
         ctx.freeze(bias_label[0], "addmm with a row-wise bias")
     ctx.mark_producer(out_cols)
@@ -108,17 +113,20 @@ def parse_equation(equation: str, ndims: Sequence[int]) -> Equation:
     if len(terms) != len(ndims):
         raise ValueError(f"{len(terms)} terms for {len(ndims)} operands")
     operands = [_letters(term, ndim) for term, ndim in zip(terms, ndims)]
+    # ellipsis axes broadcast from the right, so the output has as many as the operand with the most
     n_ellipsis = max((sum(isinstance(i, tuple) for i in axes) for axes in operands), default=0)
     ellipsis = [("...", r) for r in range(n_ellipsis - 1, -1, -1)]
     if arrow:
         head, dots, tail = rhs.partition("...")
         output = _letters(head + tail, None)
+        # _letters cannot size an output ellipsis: parse the letters alone, then put the ellipsis back where it was
         output = output[:len(head)] + (ellipsis if dots else []) + output[len(head):]
     else:
         counts: Dict[Index, int] = {}
         for axes in operands:
             for index in axes:
                 counts[index] = counts.get(index, 0) + 1
+        # torch's implicit output: ellipsis first, then the letters used once, in sorted (ASCII) order
         output = ellipsis + sorted(i for i, n in counts.items() if isinstance(i, str) and n == 1)
     if len(set(output)) != len(output):
         raise ValueError(f"an output subscript repeats in {equation!r}")
@@ -211,17 +219,19 @@ def einsum(ctx: RuleContext, node):
 
     labels: Dict[Index, AxisLabel] = {}
     for index, found in occurrences.items():
+        # the largest size of an index is its true size; smaller ones (size 1) are broadcast
         size = max(n for _, _, n in found)
         full = [label for _, label, n in found if n == size]
-        for _, label, n in found:
-            if n != size and label is not None:  # broadcast: this axis has one position, not `size`
-                ctx.freeze(label, f"einsum subscript {_name(index)} broadcast from size {n} to {size}")
+        for _, axis_label, n in found:
+            if n != size and axis_label is not None:  # broadcast: this axis has one position, not `size`
+                ctx.freeze(axis_label, f"einsum subscript {_name(index)} broadcast from size {n} to {size}")
         labels[index] = ctx.unify_all(full, size)
 
     out = tuple(labels[index] for index in parsed.output)
     kept = set(parsed.output)
     for index, found in occurrences.items():
         carriers = {k for k, _, _ in found}
+        # a single-operand einsum (a transpose, a trace, a sum) only moves axes: it originates nothing
         originates = len(operands) >= 2 and len(carriers) == 1 and index in kept
         hidden = len(operands) >= 3 and len(carriers) == 2 and index not in kept
         if originates or hidden:

@@ -9,7 +9,7 @@ other grouped convolution keeps its groups and narrows each alike: channel j of 
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from .registry import register_op, rule
 def _tie_positions(ctx: RuleContext, axis: np.ndarray, groups: int) -> None:
     """Channel j of every group becomes one unit, so all groups keep the same width."""
     blocks = axis.reshape(groups, -1)
+    # rows are groups: tiling group 0's labels against every later group ties channel j across all of them
     ctx.unify(np.tile(blocks[0], groups - 1), blocks[1:].ravel())
 
 
@@ -36,20 +37,27 @@ def convolution(ctx: RuleContext, x, weight_dim0: AxisLabel, weight_dim1: AxisLa
     c_in = x_meta.shape[cax]
     out = list(x_label)
     for i, axis in enumerate(x_label):
+        # a label on a spatial axis (after a permute) cannot follow a sliding window: each output mixes positions
         if i != cax and axis is not None:
             ctx.freeze(axis, "spatial axis of a convolution input")
             out[i] = None
     if groups == 1:
+        # a transposed weight is stored (in, out / groups, ...): its dim 0 is the side that reads the input
         in_axis, out_axis = (weight_dim0, weight_dim1) if transposed else (weight_dim1, weight_dim0)
         ctx.unify(x_label[cax], in_axis, c_in)
+    # grouped transposed weights put the groups on dim 1, and an unlabelled dim 0 has nothing to tie: rare, frozen
     elif transposed or weight_dim0 is None:
         ctx.freeze(x_label[cax], "grouped transposed convolution")
         ctx.freeze(weight_dim0, "grouped transposed convolution")
         ctx.freeze(weight_dim1, "grouped transposed convolution")
         return ctx.unlabeled_output()
     else:
-        x_axis = x_label[cax] if x_label[cax] is not None else np.full(c_in, -1, np.int64)
+        # an unlabelled input (the image itself) becomes -1s, which the unifications below turn into freezes
+        x_axis = x_label[cax]
+        if x_axis is None:
+            x_axis = np.full(c_in, -1, np.int64)
         if c_in == groups:  # depthwise (with or without a channel multiplier): remove whole groups
+            # row k: group k's input channel, then its outputs (channel multiplier); tied to column 0: one unit
             blocks = np.concatenate([x_axis.reshape(groups, -1), weight_dim0.reshape(groups, -1)], axis=1)
             anchors = np.repeat(blocks[:, :1], blocks.shape[1] - 1, axis=1)
             ctx.unify(anchors.ravel(), blocks[:, 1:].ravel())
@@ -57,6 +65,7 @@ def convolution(ctx: RuleContext, x, weight_dim0: AxisLabel, weight_dim1: AxisLa
         else:  # keep the groups, shrink every group alike: position j of each group is one unit
             _tie_positions(ctx, x_axis, groups)
             _tie_positions(ctx, weight_dim0, groups)
+            # dim 1 of the weight indexes positions within a group; group 0 stands for all after the tying above
             ctx.unify(weight_dim1, x_axis[:c_in // groups], c_in // groups)
         out_axis = weight_dim0
     out[cax] = out_axis
@@ -71,7 +80,7 @@ _CONV_SPATIAL = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3,
 
 @rule(*_CONV_SPATIAL)
 def conv_module(ctx: RuleContext, node):
-    m = ctx.module
+    m = cast(nn.modules.conv._ConvNd, ctx.module)
     spatial = next(s for cls, s in _CONV_SPATIAL.items() if isinstance(m, cls))
     return convolution(ctx, ctx.arg(0, "input"), ctx.module_param("weight", 0), ctx.module_param("weight", 1),
                        ctx.module_param("bias", 0), m.groups, m.transposed, spatial)
@@ -86,6 +95,8 @@ def _functional(spatial: int, transposed: bool):
         if not isinstance(groups, int) or len(w_label) < 2:
             ctx.freeze_inputs("convolution with non-constant groups or weight")
             return ctx.unlabeled_output()
+        # fx bakes ``self.groups`` into the call as a literal; it is safe only when it is the calling conv's own
+        # attribute, which update_conv refreshes (timm's Conv2dSame calls F.conv2d from its forward)
         if groups > 1 and not ctx.own_attribute(w_node, nn.modules.conv._ConvNd, "groups", groups):
             # a constant group count (e.g. a blur filter with groups=channels) cannot follow pruning
             ctx.freeze_inputs("grouped convolution with a constant group count")
@@ -98,6 +109,7 @@ def _functional(spatial: int, transposed: bool):
     return conv_function
 
 
+_fn: Callable[..., torch.Tensor]
 for _spatial, _fn, _aten in ((1, F.conv1d, "aten.conv1d"), (2, F.conv2d, "aten.conv2d"),
                              (3, F.conv3d, "aten.conv3d")):
     rule(_fn, _aten)(_functional(_spatial, False))
@@ -110,12 +122,14 @@ for _spatial, _fn, _aten in ((1, F.conv_transpose1d, "aten.conv_transpose1d"),
 def conv_shape(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
     """Output of a (non-transposed) convolution on the meta device, from its attributes."""
     k = len(module.kernel_size)
+    padding: Optional[Sequence[int]]
     if isinstance(module.padding, str):
         padding = [0] * k if module.padding == "valid" else None
     else:
         padding = module.padding
     spatial = []
     for i, size in enumerate(x.shape[-k:]):
+        # torch only allows padding="same" with stride 1, so the size is kept exactly
         if padding is None:  # "same"
             spatial.append(size)
             continue
@@ -131,6 +145,7 @@ def update_conv(module: nn.modules.conv._ConvNd, old: Dict[str, tuple]) -> None:
     weight = module.weight
     if module.groups > 1 and not module.transposed and old["weight"][1] == 1:
         # depthwise: whole groups were removed, groups shrink with the output channels
+        # exact: whole groups went with their multiplier's outputs, so outputs and groups shrank by the same share
         module.groups = module.groups * weight.shape[0] // old["weight"][0]
     if module.transposed:
         module.in_channels, module.out_channels = weight.shape[0], weight.shape[1] * module.groups

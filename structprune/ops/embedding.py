@@ -18,6 +18,7 @@ from .registry import register_op, rule
 def embedding(ctx: RuleContext, indices, w_rows: AxisLabel, w_cols: AxisLabel):
     """Each index becomes one row of the table: the output adds the table's columns as its last axis."""
     ctx.freeze(ctx.label(indices), "indices fed to an embedding")
+    # the rows are addressed by token ids: dropping one would renumber every id after it
     ctx.freeze(w_rows, "vocabulary axis of an embedding")
     ctx.mark_producer(w_cols)
     return (None,) * ctx.meta(indices).ndim + (w_cols,)

@@ -24,6 +24,7 @@ def getitem(ctx: RuleContext, node):
     label = ctx.label(container)
     if isinstance(meta, dict):
         keys = list(meta)
+        # a dict output (a Hugging Face ModelOutput) is labelled as a list in the dict's key order
         return label[keys.index(index)] if isinstance(label, list) and index in keys else ctx.unlabeled_output()
     if isinstance(meta, (tuple, list)) and not isinstance(meta, torch.Size):
         if not isinstance(label, list):
@@ -39,6 +40,7 @@ def _index_tensor(ctx: RuleContext, x, index):
     label = list(ctx.tlabel(x))
     meta = ctx.meta(x)
     items = list(index) if isinstance(index, tuple) else [index]
+    # a node whose value is an int (``x[:, n - 1]`` with n computed) is an integer index, not advanced indexing
     if any(isinstance(i, (fx.Node, list, torch.Tensor)) and not isinstance(ctx.meta(i), int) for i in items):
         return _tensor_index(ctx, label, items)
     n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
@@ -87,6 +89,7 @@ def gather(ctx: RuleContext, node):
     out: List[AxisLabel] = []
     for k in range(len(x_label)):
         size = ctx.out.shape[k]
+        # along ``dim`` the index's values pick positions; on other axes a smaller index reads part of x only
         if k == dim or ctx.meta(x).shape[k] != size:
             ctx.freeze(x_label[k], "gathered or partly read channel axis")
             out.append(index_label[k])
@@ -102,6 +105,7 @@ def aten_index(ctx: RuleContext, node):
     x, indices = ctx.arg(0), list(ctx.arg(1))
     label = list(ctx.tlabel(x))
     used = [k for k, i in enumerate(indices) if i is not None]
+    # non-adjacent index tensors move the indexed axes to the front (numpy rules): a layout we do not model
     if not used or used != list(range(used[0], used[-1] + 1)):
         ctx.freeze(tuple(label), "indexing with tensors on non-adjacent axes")
         return ctx.unlabeled_output()
@@ -133,7 +137,9 @@ def _indexed_axes(ctx: RuleContext, label: list, picked: List[int], indices: lis
         for axis in label[k:k + consumed]:
             ctx.freeze(axis, "indexing a channel axis with a tensor")
         last = max(last, k + consumed - 1)
+        # the index tensor's values are positions: its own channels cannot shrink without changing them
         ctx.freeze(ctx.label(index), "index tensor")
+    # the indexed run is replaced by the indices' broadcast shape: its rank is what the output has left over
     n_index = ctx.out.ndim - (len(label) - (last - picked[0] + 1))
     if n_index < 0:
         ctx.freeze(tuple(label), "tensor indexing with an unrecognised result")
@@ -154,6 +160,7 @@ def aten_slice(ctx: RuleContext, node):  # aten.slice(x, dim, start, end, step)
     x = ctx.arg(0)
     label = list(ctx.tlabel(x))
     dim = norm_dim(ctx.arg(1, "dim", 0), len(label))
+    # export's bounds may be symbolic or INT64_MAX: compare sizes instead, an unchanged size takes every position
     if label[dim] is not None and ctx.out.shape[dim] != ctx.meta(x).shape[dim]:
         ctx.freeze(label[dim], "slicing a channel axis with constant bounds")
         label[dim] = None

@@ -32,6 +32,8 @@ def cat(ctx: RuleContext, node):
     out: List[AxisLabel] = []
     for k in range(ctx.out.ndim):
         if k == dim:
+            # each input's channels keep their own elements at their offset in the output (DenseNet's concatenated
+            # features); an unlabelled input fills its run with -1, so the consumer freezes only those positions
             parts = [_as_array(lab[k], m.shape[k]) for lab, m in zip(labels, metas)]
             merged = np.concatenate(parts) if parts else None
             out.append(merged if merged is not None and (merged >= 0).any() else None)
@@ -45,6 +47,7 @@ def stack(ctx: RuleContext, node):
     tensors = [t for t in ctx.arg(0, "tensors") if ctx.is_tensor(t)]
     dim = norm_dim(ctx.arg(1, "dim", 0), ctx.out.ndim)
     labels = [ctx.tlabel(t) for t in tensors]
+    # stacked inputs share every axis; the new axis counts inputs, not channels, so it carries no label
     base = [ctx.unify_all([lab[k] for lab in labels], ctx.meta(tensors[0]).shape[k]) for k in range(len(labels[0]))]
     return tuple(base[:dim]) + (None,) + tuple(base[dim:])
 
@@ -59,11 +62,14 @@ def _pieces(ctx: RuleContext, x, dim: int, sizes: Sequence[int], dynamic: bool):
     axis = label[dim]
     results = []
     if axis is not None:
+        # chunk(2) of a fused projection (SwiGLU's gate and value): tie channel i of every piece, so all pieces
+        # shrink alike and the cut still falls between them after pruning
         if dynamic and len(set(sizes)) == 1 and len(sizes) > 1:
             pieces = axis.reshape(len(sizes), -1)
             for p in pieces[1:]:
                 ctx.unify(pieces[0], p, len(p))
         elif len(sizes) > 1:
+            # cut points written into the code would land in the wrong place once the axis shrinks
             ctx.freeze(axis, "split of a channel axis into constant-size pieces")
     start = 0
     for size in sizes:
@@ -95,6 +101,7 @@ def split(ctx: RuleContext, node):
     sizes = [m.shape[dim] for m in ctx.out]
     piece = ctx.arg(1, "split_size", node.kwargs.get("split_size_or_sections"))
     axis = ctx.tlabel(x)[dim]
+    # the attribute sizes one piece: bind it to the first piece's elements, _pieces ties the others to them
     adaptable = (isinstance(piece, int) and axis is not None and len(sizes) > 1 and len(set(sizes)) == 1
                  and adaptable_literal(ctx, piece, "split", axis[:piece]))
     return _pieces(ctx, x, dim, sizes, dynamic=adaptable)

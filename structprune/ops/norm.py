@@ -6,7 +6,7 @@ computes statistics across channels, so the pruned model only approximates the z
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, TypeVar, cast
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from .context import RuleContext
 from .registry import ShapeFunction, register_op, rule
 
 _STATS = ("weight", "bias", "running_mean", "running_var")
+M = TypeVar("M", bound=nn.Module)
 
 
 def _per_channel(ctx: RuleContext, x, cax: int, members) -> tuple:
@@ -33,7 +34,7 @@ def _norm_module(ctx: RuleContext, x, cax: int) -> tuple:
     label = _per_channel(ctx, x, cax, members)
     if all(m is None for m in members) and label[cax] is not None:
         # no tensor records the width (affine=False, no running stats): keep num_features in step
-        ctx.record_width(ctx.node.target, "num_features", label[cax])
+        ctx.record_width(ctx.module_path, "num_features", label[cax])
     return label
 
 
@@ -78,6 +79,7 @@ def _layer_norm(ctx: RuleContext, x, normalized: int, weight_label, bias_label, 
         if frozen:
             ctx.freeze(label[axis], frozen)
             continue
+        # unify even without a weight: with None that freezes the axis, since normalized_shape could not follow
         ctx.unify(label[axis], weight_label[k] if weight_label else None, ctx.meta(x).shape[axis])
         if bias_label:
             ctx.unify(label[axis], bias_label[k], ctx.meta(x).shape[axis])
@@ -87,7 +89,7 @@ def _layer_norm(ctx: RuleContext, x, normalized: int, weight_label, bias_label, 
 
 @rule(nn.LayerNorm)
 def layer_norm_module(ctx: RuleContext, node):
-    m = ctx.module
+    m = cast(nn.LayerNorm, ctx.module)
     k = len(m.normalized_shape)
     w = tuple(ctx.module_param("weight", d) for d in range(k)) if m.weight is not None else None
     b = tuple(ctx.module_param("bias", d) for d in range(k)) if m.bias is not None else None
@@ -108,6 +110,7 @@ def layer_norm_function(ctx: RuleContext, node):
                          if isinstance(shape, (list, tuple)) else shape)
     w = ctx.tlabel(w_node) if w_node is not None else None
     b = ctx.tlabel(b_node) if b_node is not None else None
+    # without a weight no updater would ever rewrite the shape, so even an own attribute would go stale
     frozen = None if (dynamic or own) and w_node is not None else "layer_norm with a constant normalized_shape"
     return _layer_norm(ctx, ctx.arg(0, "input"), k, w, b, frozen)
 
@@ -120,6 +123,8 @@ def _group_norm(ctx: RuleContext, x, groups: int, weight, bias):
         ctx.freeze(channel, "GroupNorm without affine parameters")
         return label
     if channel is not None:
+        # tie every channel of a norm group to its first: whole groups go, so the remaining groups' statistics
+        # are unchanged and verification stays exact
         blocks = channel.reshape(groups, -1)
         ctx.unify(np.repeat(blocks[:, :1], blocks.shape[1] - 1, axis=1).ravel(), blocks[:, 1:].ravel())
     ctx.attach(weight, channel, size)
@@ -129,7 +134,7 @@ def _group_norm(ctx: RuleContext, x, groups: int, weight, bias):
 
 @rule(nn.GroupNorm)
 def group_norm_module(ctx: RuleContext, node):
-    return _group_norm(ctx, ctx.arg(0, "input"), ctx.module.num_groups,
+    return _group_norm(ctx, ctx.arg(0, "input"), cast(nn.GroupNorm, ctx.module).num_groups,
                        ctx.module_param("weight", 0), ctx.module_param("bias", 0))
 
 
@@ -148,7 +153,7 @@ def group_norm_function(ctx: RuleContext, node):
 def prelu_module(ctx: RuleContext, node):
     x = ctx.arg(0, "input")
     label = ctx.tlabel(x)
-    if ctx.module.num_parameters > 1:
+    if cast(nn.PReLU, ctx.module).num_parameters > 1:
         cax = 1 if len(label) >= 2 else 0
         ctx.unify(ctx.module_param("weight", 0), label[cax], ctx.meta(x).shape[cax])
     return label
@@ -173,10 +178,10 @@ def local_response_norm(ctx: RuleContext, node):
 
 
 # ---- shapes and metadata ---------------------------------------------------------------------------------
-def checked_same_shape(fits: Callable[[nn.Module, torch.Tensor], bool]) -> ShapeFunction:
+def checked_same_shape(fits: Callable[[M, torch.Tensor], bool]) -> ShapeFunction:
     """A shape function for a layer that keeps its input's shape, once ``fits`` says it accepts it."""
 
-    def shape(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def shape(module: M, x: torch.Tensor) -> torch.Tensor:
         if not fits(module, x):
             raise RuntimeError(f"{type(module).__name__} does not fit its input")  # the real op explains
         return x
@@ -184,7 +189,7 @@ def checked_same_shape(fits: Callable[[nn.Module, torch.Tensor], bool]) -> Shape
     return shape
 
 
-def update_norm(module: nn.Module, old: Dict[str, tuple]) -> None:
+def update_norm(module: nn.modules.batchnorm._NormBase, old: Dict[str, tuple]) -> None:
     """BatchNorm / InstanceNorm: ``num_features`` follows the affine weight or the running statistics."""
     kept = module.weight if module.weight is not None else module.running_mean
     if kept is not None:
@@ -198,6 +203,7 @@ def update_layer_norm(module: nn.LayerNorm, old: Dict[str, tuple]) -> None:
 
 def update_group_norm(module: nn.GroupNorm, old: Dict[str, tuple]) -> None:
     """Whole groups were removed: the group size stays, the group count shrinks."""
+    # num_groups still holds the old count here: derive the group size from it before rewriting
     per_group = old["weight"][0] // module.num_groups
     module.num_channels = module.weight.shape[0]
     module.num_groups = module.num_channels // per_group
@@ -207,12 +213,18 @@ def update_prelu(module: nn.PReLU, old: Dict[str, tuple]) -> None:
     module.num_parameters = module.weight.numel()
 
 
+def _layer_norm_fits(m: nn.LayerNorm, x: torch.Tensor) -> bool:
+    return tuple(x.shape[x.ndim - len(m.normalized_shape):]) == tuple(m.normalized_shape)
+
+
+def _prelu_fits(m: nn.PReLU, x: torch.Tensor) -> bool:
+    return m.num_parameters == 1 or (x.ndim >= 2 and x.shape[1] == m.num_parameters)
+
+
 register_op(nn.modules.batchnorm._BatchNorm,
             shape=checked_same_shape(lambda m, x: x.ndim >= 2 and x.shape[1] == m.num_features))
 register_op(nn.modules.batchnorm._NormBase, update=update_norm, width="num_features")
-register_op(nn.LayerNorm, update=update_layer_norm, shape=checked_same_shape(
-    lambda m, x: tuple(x.shape[x.ndim - len(m.normalized_shape):]) == tuple(m.normalized_shape)))
+register_op(nn.LayerNorm, update=update_layer_norm, shape=checked_same_shape(_layer_norm_fits))
 register_op(nn.GroupNorm, update=update_group_norm, width="num_channels",
             shape=checked_same_shape(lambda m, x: x.ndim >= 2 and x.shape[1] == m.num_channels))
-register_op(nn.PReLU, update=update_prelu, shape=checked_same_shape(
-    lambda m, x: m.num_parameters == 1 or (x.ndim >= 2 and x.shape[1] == m.num_parameters)))
+register_op(nn.PReLU, update=update_prelu, shape=checked_same_shape(_prelu_fits))

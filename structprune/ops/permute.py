@@ -58,6 +58,7 @@ def movedim(ctx: RuleContext, node):
     result: List[AxisLabel] = [None] * len(label)
     for s, d in zip(src, dst):
         result[d] = label[s]
+    # torch.movedim keeps the unmoved axes in their original order in the slots the moved ones left free
     free = iter(rest)
     for k in range(len(label)):
         if k not in dst:

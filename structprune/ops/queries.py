@@ -27,6 +27,7 @@ def shape_query(ctx: RuleContext, node):
                                                                                  for o in out)):
         ctx.freeze_inputs("shape query returned a tensor")
         return ctx.unlabeled_output()
+    # metadata reads are harmless; any other attribute (``x.data``, a custom field) may carry values we cannot see
     if node.target is builtins.getattr and ctx.arg(1) not in ("shape", "dtype", "device", "ndim", "is_cuda",
                                                               "requires_grad", "layout"):
         ctx.freeze_inputs(f"attribute {ctx.arg(1)!r} read from a tensor")

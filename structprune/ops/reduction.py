@@ -18,6 +18,8 @@ _REDUCTIONS = (torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.v
 _REDUCTION_NAMES = ("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod", "max", "min", "norm",
                     "nansum", "nanmean", "argmax", "argmin")
 
+# left out on purpose: argmax/argmin and max/min with a dim return positions, which pruning renumbers, and a
+# product over channels becomes 0 when one is zeroed, so neither has an approximate meaning
 _STATISTICS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm", "nansum", "nanmean"}
 
 
@@ -54,17 +56,18 @@ def reduction(ctx: RuleContext, node):
     if other_tensors:  # torch.max(a, b) is elementwise
         return broadcast_elementwise(ctx, node)
     dim, keepdim = _reduction_arguments(ctx, node)
-    dims = list(range(meta.ndim)) if dim is None else list(dim) if isinstance(dim, (list, tuple)) else [dim]
-    if not all(isinstance(d, int) for d in dims):
+    given = list(range(meta.ndim)) if dim is None else list(dim) if isinstance(dim, (list, tuple)) else [dim]
+    if not all(isinstance(d, int) for d in given):
         ctx.freeze(label, "reduction over non-constant dims")
         return ctx.unlabeled_output()
-    dims = {norm_dim(d, meta.ndim) for d in dims}
+    dims = {norm_dim(d, meta.ndim) for d in given}
     statistic = _op_name(node).rstrip("_") in _STATISTICS
     for d in dims:
         if statistic:  # RMSNorm's mean of squares: removing channels changes the value, not the meaning
             ctx.mark_inexact(label[d], "a statistic over the pruned channels")
         else:
             ctx.freeze(label[d], "reduction across channels")
+    # keepdim leaves a size-1 axis where the reduced one was: it carries no label
     kept = tuple(None if d in dims else label[d] for d in range(meta.ndim) if keepdim or d not in dims)
     out = ctx.out
     if isinstance(out, (tuple, list)):  # max/min with dim -> (values, indices)

@@ -164,6 +164,7 @@ def register_op(*targets: Target, doc: str = "", **facts: Any) -> None:
     for target in targets:
         key = _checked(target)
         old = _SPECS.get(key) or OpSpec(key)
+        # re-registering the same function (a module imported twice) is no conflict: only a different value warns
         replaced = [name for name, value in given.items() if getattr(old, name) not in (None, value)]
         if replaced and not _QUIET[0]:
             warnings.warn(f"{target_name(key)}: registering a new {' and '.join(replaced)} replaces the one "
@@ -203,6 +204,7 @@ def override(*targets: Target, **facts: Any) -> Iterator[None]:
     >>> with override(torch.fliplr, rule=my_fliplr_rule):
     ...     sp.slim(model, x, 0.5)
     """
+    # a shallow copy suffices: specs are frozen dataclasses, replaced and never mutated
     saved, saved_names = dict(_SPECS), set(_CLASS_NAMES)
     try:
         _QUIET[0] += 1
@@ -252,6 +254,7 @@ def strict_rules(enabled: bool = True) -> Iterator[None]:
 def _own_specs(base: type) -> List[OpSpec]:
     found = [_SPECS[base]] if base in _SPECS else []
     if _CLASS_NAMES:
+        # a spec keyed by "module.QualName" (transformers' Conv1D) matches without importing that library
         named = _SPECS.get(f"{base.__module__}.{base.__qualname__}")
         if named is not None:
             found.append(named)
@@ -264,6 +267,7 @@ def _resolve(cls: type) -> OpSpec:
         for spec in _own_specs(base):
             for name in FIELDS:
                 value = getattr(spec, name)
+                # the MRO runs from the class itself outwards: the closest class stating a fact wins
                 if name in facts or value is None:
                     continue
                 # a subclass with its own forward may compute anything: the formula does not hold
@@ -335,6 +339,7 @@ _INPLACE_RESHAPES = {"transpose", "t", "unsqueeze", "squeeze", "resize", "resize
 
 def _strip_inplace(name: str) -> str:
     if name.endswith("_") and not name.endswith("__"):
+        # "" matches no rule: the node is unknown and its channels freeze (dunders like __add__ keep their name)
         return "" if name[:-1] in _INPLACE_RESHAPES else name[:-1]
     return name
 
@@ -354,6 +359,7 @@ def lookup(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Rule]:
         target = node.target
         if isinstance(target, torch._ops.OpOverload):
             name = target.overloadpacket.__name__
+            # ``aten.add.Tensor``: the packet name (add) is the key; an in-place ``add_`` falls back to ``add``'s rule
             return _rule_of("aten." + name) or _rule_of("aten." + _strip_inplace(name))
         if isinstance(target, torch._ops.OpOverloadPacket):
             return _rule_of("aten." + _strip_inplace(target.__name__))

@@ -44,6 +44,7 @@ def size_attributes(module: nn.Module, value: int, roles: Iterable[str]) -> List
     roles = set(roles)
     found = []
     for prefix, owner in (("", module), ("config.", getattr(module, "config", None))):
+        # a submodule that happens to be called ``config`` is no model config: its sizes are its own
         if owner is None or (prefix and isinstance(owner, nn.Module)):
             continue
         for name, v in int_attributes(owner):
@@ -56,5 +57,6 @@ def int_attributes(owner: Any) -> Iterator[Tuple[str, int]]:
     """``(name, value)`` of every public integer attribute of ``owner``."""
     items = vars(owner).items() if hasattr(owner, "__dict__") else ()
     for name, v in items:
+        # bool is an int: a ``True`` flag would otherwise match a literal 1
         if isinstance(v, int) and not isinstance(v, bool) and not name.startswith("_"):
             yield name, v

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 import operator
-from typing import Optional, Sequence
+from typing import Any, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from torch import fx
@@ -38,8 +38,10 @@ def size_source(ctx: RuleContext, entry):
     if entry.op == "call_method" and entry.target == "size" and len(entry.args) == 2:
         tensor, axis = entry.args
         return (tensor, axis) if isinstance(axis, int) else None
+    # torch.export with dynamic shapes records a shape read as ``aten.sym_size.int(x, dim)``
     if entry.op == "call_function" and str(entry.target).startswith("aten.sym_size"):
         return entry.args[0], entry.args[1]
+    # fx traces ``x.shape[1]`` and ``x.size()[1]`` as getitem on getattr(x, "shape") / size() with no dim
     if entry.op == "call_function" and entry.target is operator.getitem and isinstance(entry.args[1], int):
         whole = entry.args[0]
         if isinstance(whole, fx.Node) and (
@@ -71,6 +73,8 @@ def _bind_scaled(ctx: RuleContext, axis: np.ndarray, tensor, dim: int, factor: i
     n = len(axis) // factor
     if src is None or len(axis) != n * factor or len(src) != n:
         return False
+    # rows of (n, factor) constant: each index repeated in place (repeat_interleave, GQA's expand + reshape);
+    # rows of (factor, n).T constant: the whole label repeated end to end (tile, repeat)
     for copies in (axis.reshape(n, factor), axis.reshape(factor, n).T):
         if (copies == copies[:, :1]).all():
             ctx.unify(copies[:, 0], src, n)
@@ -78,6 +82,8 @@ def _bind_scaled(ctx: RuleContext, axis: np.ndarray, tensor, dim: int, factor: i
     return False
 
 
+# which roles a literal may play, by what reshape_label did to its axis (``kinds``): attributes match by
+# value, so narrow roles keep a coincidence (hidden == 64 == head_dim) from adapting the wrong attribute
 _SIZE_ROLES = {"heads": ("heads",), "head_dim": ("head_dim",), "merge": ("heads", "attention_width"),
                "pass": ("heads", "head_dim", "attention_width", "ffn", "hidden"), "split": ("attention_width",)}
 
@@ -96,6 +102,7 @@ def adaptable_literal(ctx: RuleContext, literal: int, kind: Optional[str], axis:
                 continue  # under export the literal may as well be a shape read: verification has the last word
             key = ("config", id(module.config), name) if shared else (ctx.calling_path(), name)
             sized = ctx.bind_attribute(key, axis)
+            # the first axis bound to an attribute decides its new value; every later one must shrink alike
             if sized is axis:
                 if not shared:
                     ctx.record_width(key[0], name, axis)
@@ -105,6 +112,7 @@ def adaptable_literal(ctx: RuleContext, literal: int, kind: Optional[str], axis:
                 ctx.freeze(axis, f"{name} sizes axes of different lengths")
         if names:
             return True
+    # under export a pass-through literal is most likely a baked shape read; the dry run catches true constants
     return ctx.exported and kind == "pass"
 
 
@@ -122,20 +130,27 @@ def bind_sizes(ctx: RuleContext, out: Sequence[AxisLabel], out_shape: Sequence[i
         if entry == -1 and not isinstance(entry, fx.Node):
             continue
         source = size_source(ctx, entry)
-        scaled = _scaled_size_source(ctx, entry) if source is None and out[j] is not None else None
-        if scaled is not None and _bind_scaled(ctx, out[j], *scaled):
-            continue
+        out_axis = out[j]
+        # ``x.size(1) * n_rep`` is tried before the generic computed-size freeze below, which would pin LLaMA's k/v
+        scaled = None
+        if source is None and out_axis is not None:
+            scaled = _scaled_size_source(ctx, entry)
+            if scaled is not None and _bind_scaled(ctx, out_axis, *scaled):
+                continue
         if source is not None:
             tensor, axis = source
             src_label = ctx.tlabel(tensor)
             src_axis = src_label[norm_dim(axis, len(src_label))] if src_label else None
-            if src_axis is not None or out[j] is not None:
-                ctx.unify(out[j], src_axis, out_shape[j])
-        elif out[j] is not None and _is_literal_size(entry) and adaptable_literal(ctx, entry, kinds[j], out[j]):
+            # also when one side is unlabelled: a size read from an axis that cannot shrink pins (freezes) this one
+            if src_axis is not None or out_axis is not None:
+                ctx.unify(out_axis, src_axis, out_shape[j])
+        elif out_axis is not None and _is_literal_size(entry) and adaptable_literal(ctx, entry, kinds[j], out_axis):
             continue
-        elif out[j] is not None and (_is_literal_size(entry) or isinstance(entry, fx.Node)):
-            ctx.freeze(out[j], "a channel axis sized by a constant in the model code")
+        elif out_axis is not None and (_is_literal_size(entry) or isinstance(entry, fx.Node)):
+            ctx.freeze(out_axis, "a channel axis sized by a constant in the model code")
             out[j] = None
+        # a computed size (``C // num_heads``) also pins every axis it reads: pruning C would change the
+        # computed value in a way no label can follow
         if source is None and scaled is None and isinstance(entry, fx.Node):
             for tensor, axis in _sizes_read(ctx, entry):
                 src_label = ctx.tlabel(tensor)
@@ -147,9 +162,12 @@ def bind_sizes(ctx: RuleContext, out: Sequence[AxisLabel], out_shape: Sequence[i
 
 def _sizes_read(ctx: RuleContext, entry: fx.Node, limit: int = 64) -> list:
     """Every ``(tensor, axis)`` whose size the computed value ``entry`` depends on."""
-    found, stack, seen = [], [entry], set()
+    found: List[Tuple[Any, int]] = []
+    stack: List[fx.Node] = [entry]
+    seen: Set[fx.Node] = set()
     while stack and len(seen) < limit:
         node = stack.pop()
+        # stop at tensors: a size computed from tensor values is data, not a shape read
         if not isinstance(node, fx.Node) or node in seen or ctx.is_tensor(node):
             continue
         seen.add(node)
@@ -165,5 +183,5 @@ def _sizes_read(ctx: RuleContext, entry: fx.Node, limit: int = 64) -> list:
 
 
 def reads_shape_of(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target is builtins.getattr and node.args[1] == "shape") or \
+    return bool(node.op == "call_function" and node.target is builtins.getattr and node.args[1] == "shape") or \
         (node.op == "call_method" and node.target == "size" and len(node.args) == 1)

@@ -24,6 +24,7 @@ def spatial(ctx: RuleContext, x, n_spatial: int):
             ctx.freeze(label[k], "spatial op over a channel axis")
             label[k] = None
     for k in range(len(label) - n_spatial):
+        # an axis outside the spatial ones that changes size (a pad given more pairs than we assumed) is resized
         if label[k] is not None and out.shape[k] != ctx.meta(x).shape[k]:
             ctx.freeze(label[k], "spatial op changed a channel axis")
             label[k] = None
@@ -72,6 +73,7 @@ for _target, _axes in _POOL_FUNCTIONS.items():
       "aten.upsample_bilinear2d", "aten.upsample_bicubic2d", "aten.upsample_linear1d", "aten.upsample_trilinear3d")
 def resize(ctx: RuleContext, node):
     x = ctx.arg(0, "input")
+    # interpolate resizes every axis after (N, C); an unbatched input still has at least one
     return spatial(ctx, x, max(ctx.meta(x).ndim - 2, 1))
 
 
@@ -79,5 +81,6 @@ def resize(ctx: RuleContext, node):
 def pad(ctx: RuleContext, node):
     x = ctx.arg(0, "input")
     amounts = ctx.arg(1, "pad")
+    # F.pad takes one (left, right) pair per trailing axis; unknown amounts count as padding every axis
     n = len(amounts) // 2 if isinstance(amounts, (list, tuple)) else ctx.meta(x).ndim
     return spatial(ctx, x, n)

@@ -30,10 +30,11 @@ def params_removed(dg: DependencyGraph, model: nn.Module) -> Callable[[Plan], fl
 
     def fraction(plan: Plan) -> float:
         dropped = plan.element_mask(dg)
-        after = 0
+        after = 0.0
         for name, p in params.values():
             numel = float(p.numel())
             for space in cuts.get(name, ()):
+                # a tensor cut on two dims (a conv weight) keeps the product of the two kept fractions
                 numel *= 1 - space.of(dropped).mean()
             after += numel
         return 1 - after / max(total, 1)
@@ -79,6 +80,7 @@ def search_target(planner: Planner, options: PlanOptions, removed_fraction: Call
         ratio = (low + high) / 2
         plan = planner.plan(options.with_ratio(ratio))
         achieved = removed_fraction(plan)
+        # rounding and per-layer caps make the fraction only roughly monotone in the ratio: keep the closest seen
         if abs(achieved - target) < best[0]:
             best = (abs(achieved - target), plan, achieved)
         if abs(achieved - target) <= tolerance:

@@ -34,6 +34,7 @@ def _to_meta(value):
 
 def _runs(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -> Optional[str]:
     """None if the model shrunk by ``dropped`` runs on the meta example input, else the error."""
+    # a fresh shrunk copy per try: the twin itself is reused by every step of the bisection
     pruned = shrunk_copy(model, dg, dropped)
     args, kwargs = _to_meta(dg.inputs.args), _to_meta(dg.inputs.kwargs)
     try:
@@ -58,15 +59,19 @@ def groups_that_break(model: nn.Module, dg: DependencyGraph, drops: Dict[int, np
     except Exception:  # a model that cannot be copied to meta: leave it to verification
         return {}
     nothing = np.zeros(dg.n_elements, bool)
+    # a model that fails on meta even unpruned (``.item()``, data-dependent shapes) would make every plan look
+    # broken: then learn nothing and let verification decide
     if _runs(twin, dg, nothing) is not None:
         return {}
     order: List[int] = list(drops)
     broken: Dict[int, str] = {}
     while True:
+        # one culprit per round, then retry the rest: several groups may break independently
         kept = [g for g in order if g not in broken]
         error = _runs(twin, dg, element_mask({g: drops[g] for g in kept}))
         if error is None or not kept:
             return broken
+        # log2(n) meta forwards per culprit; assumes adding groups never repairs a failing forward
         low, high = 1, len(kept)  # the shortest failing prefix ends with a culprit
         while low < high:
             mid = (low + high) // 2
@@ -75,4 +80,5 @@ def groups_that_break(model: nn.Module, dg: DependencyGraph, drops: Dict[int, np
             else:
                 low = mid + 1
         culprit = kept[low - 1]
+        # report the culprit's own error; if it only fails together with earlier groups, the combined one
         broken[culprit] = _runs(twin, dg, element_mask({culprit: drops[culprit]})) or error

@@ -42,6 +42,7 @@ class Plan:
         """Boolean per channel element: True where the element is removed."""
         dropped_root = np.zeros(dg.n_elements, bool)
         for gid, units in self.drops.items():
+            # mark the units at their roots, then one gather through unit_root reaches every coupled element
             dropped_root[dg.groups[gid].unit_roots[units]] = True
         return dropped_root[dg.unit_root]
 
@@ -61,7 +62,7 @@ class _Layer:
     channels_per_unit: int = 1  # a head is head_dim channels of its projection
 
 
-def _matches(module_name: str, module: nn.Module, rule: Any) -> bool:
+def _matches(module_name: str, module: Optional[nn.Module], rule: Any) -> bool:
     if isinstance(rule, str):
         return fnmatch.fnmatchcase(module_name, rule) or module_name == rule
     if isinstance(rule, type):
@@ -102,11 +103,14 @@ class Planner:
                 if input_axis(module, attribute) != space.dim and any(
                         _matches(owner, module, rule) for rule in ignore):
                     excluded[index] = True
+            # one layer per producing space: a concatenation's group holds several, and each loses its own share;
+            # origin -1 gathers the units no layer produces into one nameless layer
             for origin in np.unique(group.unit_origin):
                 in_layer = group.unit_origin == origin
                 units = np.flatnonzero(in_layer & ~excluded)
                 if units.size:
                     name = group.spaces[origin].tensor.rpartition(".")[0] if origin >= 0 else ""
+                    # channels per unit: 1 for filters, head_dim when a head split tied a head's channels into one unit
                     per_unit = group.spaces[origin].size // max(len(np.unique(group.unit_index[origin])), 1) \
                         if origin >= 0 else 1
                     layers.append(_Layer(group, name, units, int(in_layer.sum()), max(per_unit, 1)))
@@ -115,17 +119,22 @@ class Planner:
     def plan(self, options: PlanOptions) -> Plan:
         chosen: Dict[int, List[np.ndarray]] = {}
         pooled: List[Tuple[_Layer, np.ndarray]] = []
+        ratios = options.ratios or {}  # PlanOptions turns None into {}
         for layer in self.layers:
+            # hidden=False: an inexact group is one some LayerNorm/RMSNorm normalises, i.e. the residual stream
             if layer.group.id in self.excluded or (not options.hidden and not layer.group.exact):
                 continue
-            fixed = next((r for pattern, r in options.ratios.items() if fnmatch.fnmatchcase(layer.name, pattern)), None)
+            fixed = next((r for pattern, r in ratios.items() if fnmatch.fnmatchcase(layer.name, pattern)), None)
             if options.scope == "local" or fixed is not None:
                 ratio = options.ratio if fixed is None else fixed
                 reference = (options.reference_widths or {}).get(layer.name)
+                # Pruner's schedule steps pass the original widths: a ratio then means a share of the original,
+                # not of what earlier steps left, so the steps do not compound
                 if reference:  # keep what the ratio leaves of the original width
                     n_drop = layer.width - (reference - math.floor(ratio * reference + 1e-9))
                     n_drop = min(max(n_drop, 0), len(layer.units), layer.width - 1)
                 else:
+                    # +1e-9: 0.29 * 100 is 28.999999999999996 in floating point; width - 1: every layer keeps a unit
                     n_drop = min(math.floor(ratio * len(layer.units) + 1e-9), layer.width - 1)
                 drop = self._lowest(layer, n_drop)
                 chosen.setdefault(layer.group.id, []).append(self._rounded(layer, drop, options.round_to))
@@ -138,6 +147,7 @@ class Planner:
         for gid, parts in chosen.items():
             group, scores = self.dg.groups[gid], self.scores[gid]
             drop = np.unique(np.concatenate(parts)).astype(np.int64)
+            # layers with fixed ratios can together claim every unit of a group: keep its best one
             if len(drop) >= group.n_units:
                 drop = drop[np.argsort(scores[drop], kind="stable")[:group.n_units - 1]]
             drop = _keep_every_space_alive(group, drop, scores)
@@ -157,6 +167,8 @@ class Planner:
         caps = np.array([min(math.floor(options.max_group_ratio * len(layer.units) + 1e-9), layer.width - 1)
                          for layer, _ in pooled])
         # ties (e.g. freshly initialised BN scales, all 1) are shared out in proportion to layer size
+        # argsort of an argsort is each unit's rank inside its layer; over the layer size it is comparable across
+        # layers and breaks ties between equal scores
         relative_rank = np.concatenate([np.argsort(np.argsort(normalized[layer.units], kind="stable"))
                                         / len(layer.units) for layer, normalized in pooled])
         quota = math.floor(options.ratio * len(units) + 1e-9)
@@ -165,7 +177,8 @@ class Planner:
             already = original - sum(layer.width for layer, _ in pooled)
             quota = max(0, math.floor(options.ratio * original + 1e-9) - already)
         taken = np.zeros(len(pooled), np.int64)
-        picked = []
+        picked: List[int] = []
+        # lexsort sorts by its last key first: lowest score, ties by relative rank; greedily, within each cap
         for i in np.lexsort((relative_rank, scores)):
             if len(picked) >= quota:
                 break
@@ -173,8 +186,8 @@ class Planner:
             if taken[k] < caps[k]:
                 taken[k] += 1
                 picked.append(i)
-        picked = np.asarray(picked, dtype=np.int64)
-        return [units[picked[owners[picked] == k]] for k in range(len(pooled))]
+        picks = np.asarray(picked, dtype=np.int64)
+        return [units[picks[owners[picks] == k]] for k in range(len(pooled))]
 
     def _rounded(self, layer: _Layer, drop: np.ndarray, round_to: Optional[int]) -> np.ndarray:
         """Adjust ``drop`` so the layer keeps a multiple of ``round_to`` *channels* (nearest, at least one
@@ -183,6 +196,7 @@ class Planner:
         if not step or step == 1 or layer.width <= step:
             return drop
         keep = layer.width - len(drop)
+        # nearest multiple of step, never zero: rounding may keep a little more or drop a little more
         target = max(step, int(round(keep / step)) * step)
         n_drop = min(max(layer.width - target, 0), len(layer.units), layer.width - 1)
         return self._lowest(layer, n_drop) if n_drop != len(drop) else drop
@@ -193,6 +207,8 @@ def _keep_every_space_alive(group: Group, drop: np.ndarray, scores: np.ndarray) 
     dropped = np.zeros(group.n_units, bool)
     dropped[drop] = True
     for index in group.unit_index:
+        # a member tensor with every channel dropped would become empty (a concatenated layer that all scored
+        # low): give back its best unit
         if dropped[index].all():
             present = np.unique(index)
             dropped[present[np.argmax(scores[present])]] = False

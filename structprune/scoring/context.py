@@ -78,11 +78,14 @@ class GradientCollector:
                                     torch.zeros_like(t) if element_taylor else None) for t in tensors]
         batches = 0
         try:
+            # frozen layers (requires_grad=False) are scored too; the finally below restores every flag
             for t in tensors:
                 t.requires_grad_(True)
+            # eval mode: BatchNorm statistics stay put and dropout is off, so slim and sparsify score alike
             with eval_mode(self.model), torch.enable_grad():
                 for batch in self.data:
                     loss = self.loss_fn(self.model, batch)
+                    # autograd.grad leaves no .grad behind; allow_unused: parameters off the loss path get None
                     grads = torch.autograd.grad(loss, tensors, allow_unused=True)
                     for stat, tensor, grad in zip(stats, tensors, grads):
                         if grad is not None:
@@ -100,6 +103,8 @@ class GradientCollector:
     def _accumulate(stat: GradientStatistics, weight: torch.Tensor, grad: torch.Tensor) -> None:
         stat.abs += grad.abs()
         product = weight * grad
+        # sum w * g over the channel first, then take |.|: signs cancel within a batch, not across batches
+        # (Molchanov et al.'s estimate of the loss change when the whole channel goes)
         for dim, total in enumerate(stat.channel_taylor):  # |per-channel w*g| of this batch
             total += _channel_sums(product, dim).abs()
         if stat.element_taylor is not None:
@@ -107,6 +112,7 @@ class GradientCollector:
 
     @staticmethod
     def _all_reduce(stats: List[GradientStatistics], batches: int) -> None:
+        # the batch count is all-reduced as well: ranks may see different numbers of batches
         counts = torch.tensor([float(batches)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for stat in stats:
@@ -115,6 +121,7 @@ class GradientCollector:
                     torch.distributed.all_reduce(buffer)
             torch.distributed.all_reduce(counts)
         for stat in stats:
+            # only ``abs`` is a mean; the Taylor scores are sums over batches, as their definition says
             stat.abs /= counts.item()
 
 
@@ -169,12 +176,15 @@ class ScoringContext:
                 v = values().detach()
                 v = v if v.is_floating_point() else v.float()
                 if v.ndim >= 2:
+                    # (dim0, dim1, rest): summing ``rest`` once leaves a small matrix whose row and column sums are the
+                    # filter-side and input-side scores
                     matrix = v.reshape(v.shape[0], v.shape[1], -1)
                     matrix = matrix.sum(-1) if matrix.shape[-1] > 1 else matrix.reshape(matrix.shape[:2])
                     cached = {0: matrix.sum(1).double().cpu().numpy(), 1: matrix.sum(0).double().cpu().numpy()}
                 else:
                     cached = {0: v.double().reshape(-1).cpu().numpy()}
             self._sums[(name, key)] = cached
+        # a space on dim 2 or later (a parameter split into heads) is rare: reduce it on demand
         if dim not in cached:
             with torch.no_grad():
                 v = values().detach().float()
@@ -186,12 +196,14 @@ class ScoringContext:
         if not per_member:
             return np.zeros(group.n_units)
         stacked = np.stack(per_member)
-        return {"mean": stacked.mean, "sum": stacked.sum, "max": stacked.max}[self.reduction](axis=0)
+        reducers: Dict[str, Callable[..., np.ndarray]] = {"mean": stacked.mean, "sum": stacked.sum, "max": stacked.max}
+        return reducers[self.reduction](axis=0)
 
     # ----- gradients ---------------------------------------------------------------------------------------
     def gradients(self, element_taylor: bool = False) -> Dict[str, GradientStatistics]:
         """Gradient statistics of every parameter (see :class:`GradientStatistics`), collected once;
         asking for ``element_taylor`` after a collection without it collects again."""
+        # a cheap collection (no element Taylor) cannot answer an element criterion later: collect again then
         stale = self._grads is None or (element_taylor and next(iter(self._grads.values()), None) is not None
                                         and next(iter(self._grads.values())).element_taylor is None)
         if stale:
@@ -203,6 +215,7 @@ class ScoringContext:
         """The gradient statistics of a parameter, found by identity (a parametrized weight's original
         is reachable under a longer name than the weight)."""
         stats = self.gradients(element_taylor)
+        # by identity, not by name: torch.nn.utils.parametrize moves a weight to ``parametrizations.weight.original``
         for name, parameter in self.model.named_parameters():
             if parameter is tensor:
                 return stats[name]

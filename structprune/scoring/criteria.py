@@ -125,7 +125,8 @@ def normalize(scores: np.ndarray, how: Optional[str]) -> np.ndarray:
     if how is None:
         return scores
     check_choice("normalize", how, NORMALIZATIONS)
-    scale = {"mean": np.mean, "max": np.max, "sum": np.sum}[how](np.abs(scores)) if scores.size else 0.0
+    reducers: Dict[str, Callable[[np.ndarray], float]] = {"mean": np.mean, "max": np.max, "sum": np.sum}
+    scale = reducers[how](np.abs(scores)) if scores.size else 0.0
     return scores / scale if scale > 0 else scores
 
 
@@ -134,6 +135,8 @@ def _elementwise(group: Group, ctx: ScoringContext, fn: Callable[[torch.Tensor],
     per_member = []
     for space, index, t in ctx.trainable_members(group):
         values = ctx.axis_sums(space.tensor, lambda: fn(t.detach()), key, space.dim)
+        # bincount with weights adds up every position of the member that belongs to one unit (a grouped conv's
+        # tied positions, a head's head_dim channels); ``finish`` runs after, so l2 is the root of the whole sum
         per_member.append(finish(np.bincount(index, weights=values, minlength=group.n_units)))
     return ctx.combine(group, per_member)
 
@@ -176,6 +179,7 @@ def magnitude(group: Group, ctx: ScoringContext) -> np.ndarray:
         values = ctx.axis_sums(space.tensor, lambda: t.detach().abs(), "abs", space.dim)
         per_position = t.numel() // t.shape[space.dim]
         sums = np.bincount(index, weights=values, minlength=group.n_units)
+        # the number of weights behind each unit, so that the mean is over the unit's whole slice
         counts = np.bincount(index, minlength=group.n_units) * per_position
         per_member.append(sums / np.maximum(counts, 1))
     return ctx.combine(group, per_member)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import collections
 import copy
 import types
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
+# values deepcopy itself returns as they are: sharing them is exactly what a deep copy does
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device, torch.Size, range,
               type, types.FunctionType, types.BuiltinFunctionType, torch.memory_format, torch.layout)
 
@@ -31,6 +32,7 @@ def _customises_copy(cls: type) -> bool:
         return True
     for name in ("__getstate__", "__setstate__"):
         owner = next((base for base in cls.__mro__ if name in vars(base)), object)
+        # torch's own __setstate__ only patches old pickles; one from model code may rebuild state a direct copy skips
         if owner is not object and not owner.__module__.startswith("torch."):
             return True
     return False
@@ -42,12 +44,15 @@ def _copy_tensor(t: Any, memo: Dict[int, Any]) -> Any:
     found = memo.get(id(t))
     if found is not None:
         return found
+    # exact types only: tensor subclasses and non-leaf tensors go through deepcopy, which knows their rules
+    new: torch.Tensor
     if type(t) is nn.Parameter:
         new = nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
     elif type(t) is torch.Tensor and not t.requires_grad:
         new = t.clone()
     else:
         new = copy.deepcopy(t, memo)
+    # a tensor reached twice (tied weights) is copied once and stays shared in the copy
     memo[id(t)] = new
     return new
 
@@ -58,7 +63,7 @@ def _is_immutable(value: Any) -> bool:
     return type(value) is tuple and all(type(v) in _IMMUTABLE for v in value)
 
 
-def deep_copy_module(module: nn.Module, memo: Dict[int, Any] = None) -> nn.Module:
+def deep_copy_module(module: nn.Module, memo: Optional[Dict[int, Any]] = None) -> nn.Module:
     """Equivalent to ``copy.deepcopy(module, memo)``, several times faster on large module trees."""
     memo = {} if memo is None else memo
     found = memo.get(id(module))
@@ -68,6 +73,7 @@ def deep_copy_module(module: nn.Module, memo: Dict[int, Any] = None) -> nn.Modul
     if _customises_copy(cls):
         return copy.deepcopy(module, memo)
     new = cls.__new__(cls)
+    # registered before the children are copied, so a child that refers back to this module gets the copy
     memo[id(module)] = new
     state = {}
     for key, value in module.__dict__.items():
@@ -90,6 +96,7 @@ def meta_twin(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers live on the meta device."""
     memo: Dict[int, object] = {}
     for t in list(model.parameters()) + list(model.buffers()):
+        # once per tensor: tied weights get one meta tensor, as a deep copy would give them one copy
         if id(t) not in memo:
             meta = t.detach().to("meta")
             memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta

@@ -27,11 +27,13 @@ def sliced_tensors(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -
     for space in dg.spaces:
         gone = space.of(dropped)
         if gone.any():
+            # a tensor can lose channels on two dims (a conv weight: filters and input channels): collect, slice once
             cuts.setdefault(space.tensor, []).append((space.dim, np.flatnonzero(~gone)))
     replacements: Dict[int, torch.Tensor] = {}
     for name, dims in cuts.items():
         path, _, attr = name.rpartition(".")
         old = getattr(model.get_submodule(path) if path else model, attr)
+        # detach: slicing a leaf parameter must not record autograd history into the new one
         new = old.detach()
         for dim, keep in dims:
             new = new.index_select(dim, torch.as_tensor(keep, device=new.device))
@@ -46,6 +48,7 @@ def _slots(model: nn.Module):
     for module in model.modules():
         for kind in ("_parameters", "_buffers"):
             slots = getattr(module, kind)
+            # list(): shrink assigns into these very dicts while iterating
             for name, t in list(slots.items()):
                 if t is not None:
                     yield module, slots, name, t
@@ -62,6 +65,7 @@ def _refresh_metadata(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray
         if notes is not None and note not in notes:
             notes.append(note)
     for path, attribute, elements in dg.widths:  # widths no tensor records
+        # an index without an element (-1) can never be dropped, so it always counts as kept
         kept = int((~dropped[elements[elements >= 0]]).sum() + (elements < 0).sum())
         setattr(model.get_submodule(path), attribute, kept)
 
@@ -73,8 +77,11 @@ def shrink(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray,
     replacements = sliced_tensors(model, dg, dropped)
     touched: Dict[nn.Module, Dict[str, tuple]] = {}
     for module, slots, name, t in _slots(model):
+        # matched by identity, so a tensor shared by two modules (tied embeddings) gets the same new tensor in
+        # both and stays tied
         if id(t) in replacements:
             slots[name] = replacements[id(t)]
+            # updaters compare with the old shape (a depthwise conv derives its new groups from it)
             touched.setdefault(module, {})[name] = tuple(t.shape)
     _refresh_metadata(model, dg, dropped, touched, notes)
     return list(touched)
@@ -89,6 +96,8 @@ def shrunk_copy(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray,
     """
     replacements = sliced_tensors(model, dg, dropped)
     old_shape = {id(replacements[id(t)]): tuple(t.shape) for _, _, _, t in _slots(model) if id(t) in replacements}
+    # a deepcopy memo maps id(original) -> its copy: seeding it with the sliced tensors makes the copy use
+    # them instead of duplicating the originals (dict(): the copy adds entries to its memo)
     twin = deep_copy_module(model, memo=dict(replacements))
     touched: Dict[nn.Module, Dict[str, tuple]] = {}
     for module, _, name, t in _slots(twin):
@@ -101,6 +110,8 @@ def shrunk_copy(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray,
 @contextlib.contextmanager
 def rollback(model: nn.Module):
     """Restore every parameter, buffer and plain attribute of every module if the block raises."""
+    # references suffice: shrinking replaces tensors and attributes, it never changes them in place (configs
+    # excepted, below). Only public attributes: updaters write out_channels, num_heads and the like
     saved = [(m, dict(m._parameters), dict(m._buffers),
               {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in model.modules()]
     configs = {id(c): (c, dict(vars(c))) for m in model.modules() for c in [getattr(m, "config", None)]
@@ -116,6 +127,7 @@ def rollback(model: nn.Module):
             m._parameters.update(params)
             m._buffers.clear()
             m._buffers.update(buffers)
+            # attributes the block added (update_multihead_attention sets head_dim) go too
             for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
                 delattr(m, k)
             for k, v in attrs.items():

@@ -27,18 +27,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..graph.labels import AxisLabel, HeadSplit
+from ..graph.labels import HeadSplit
 from ..ops.registry import input_axis
 from ..ops.size_names import SIZE_ATTRIBUTES, int_attributes, role_of
 
 
-def _kept(axis: Union[AxisLabel, int], dropped: np.ndarray) -> int:
+def _kept(axis: Union[np.ndarray, int], dropped: np.ndarray) -> int:
     if isinstance(axis, (int, np.integer)):
         return int(axis)
+    # an int is a side of the split that never changes; -1 entries (no element) are never dropped
     return int((~dropped[axis[axis >= 0]]).sum() + (axis < 0).sum())
 
 
-def _size(axis: Union[AxisLabel, int]) -> int:
+def _size(axis: Union[np.ndarray, int]) -> int:
     return int(axis) if isinstance(axis, (int, np.integer)) else len(axis)
 
 
@@ -55,22 +56,25 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
         for role, (old, new) in (("heads", heads), ("head_dim", dims), ("attention_width", width)):
             facts[role].append((old, new))
             for name, value in int_attributes(module):
+                # value and role must both match: a width that merely equals the old head count stays as it is
                 if value == old and role_of(name) == role:
                     updates.setdefault((split.path, name), set()).add(new)
-    notes = []
+    notes: List[str] = []
     for (path, name), values in updates.items():
         if len(values) == 1:  # splits that disagree (q and v heads of different widths) leave it alone
             setattr(model.get_submodule(path), name, values.pop())
     for module, shapes in old_shapes.items():
-        for name, old in shapes.items():
-            new = getattr(module, name).shape
+        for name, old_shape in shapes.items():
+            new_shape = getattr(module, name).shape
             if isinstance(module, nn.Embedding) and name == "weight":
-                facts["hidden"].append((old[1], new[1]))
-            elif len(old) == 2:
+                facts["hidden"].append((old_shape[1], new_shape[1]))
+            elif len(old_shape) == 2:
                 out = 1 if input_axis(module, name) == 0 else 0  # GPT-2's Conv1D stores W as (in, out)
-                if old[out] != new[out]:
-                    facts["ffn"].append((old[out], new[out]))
+                # candidates only: a config field is rewritten below when its value equals such an old width
+                if old_shape[out] != new_shape[out]:
+                    facts["ffn"].append((old_shape[out], new_shape[out]))
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    # the input embedding is the width ``hidden_size`` names: it overrides what other embeddings reported
     if isinstance(embeddings, nn.Embedding) and embeddings in old_shapes:
         facts["hidden"] = [(old_shapes[embeddings]["weight"][1], embeddings.weight.shape[1])]
     return notes + _refresh_configs(model, facts) + reload_note(model)
@@ -82,11 +86,14 @@ def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]]) 
     configs = {id(c): c for m in model.modules() for c in [getattr(m, "config", None)]
                if c is not None and not isinstance(c, nn.Module) and hasattr(c, "__dict__")}
     for config in configs.values():
+        # read before the fields below change: afterwards hidden_size // num_attention_heads is no longer the
+        # head size the layers were built with
         derived_head_dim = _head_dim(config)
         for name, value in list(int_attributes(config)):
             role = role_of(name)
             if role is None or role == "attention_width":
                 continue
+            # every layer whose old size equals this field reports its new size; one answer is needed to rewrite it
             new = {n for old, n in facts[role] if old == value}
             if len(new) == 1:
                 setattr(config, name, new.pop())
@@ -123,6 +130,7 @@ def reload_note(model: nn.Module) -> List[str]:
             validate()
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # on a copy: some models' __init__ write back into the config they are given
             rebuilt = type(model)(copy.deepcopy(config))
     except Exception as error:  # the library's own validation error types vary
         reason = str(getattr(error, "__cause__", None) or error).strip().splitlines()[-1]

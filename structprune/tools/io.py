@@ -124,6 +124,7 @@ def _check_plan(plan: dict, model: nn.Module) -> None:
         if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                  for s in shape)):
             raise LoadError(f"tensor {name!r} has an invalid shape in the plan: {shape!r}")
+        # pruning only shrinks: a larger saved shape means another architecture, or a file asking for memory
         if len(shape) != state[name].ndim or any(s > o for s, o in zip(shape, state[name].shape)):
             raise LoadError(f"tensor {name!r}: saved shape {tuple(shape)} cannot come from pruning the model's "
                             f"{tuple(state[name].shape)}")
@@ -139,6 +140,7 @@ def _resize_tensors(model: nn.Module, tensors: Dict[str, dict]) -> None:
                 if t is None or fqn not in tensors:
                     continue  # non-persistent buffers are not saved: the fresh model's stay
                 if id(t) not in replaced:  # tied tensors stay tied
+                    # empty is enough: _load_weights fills every persistent tensor next, strictly
                     new = torch.empty(tensors[fqn]["shape"], dtype=t.dtype, device=t.device)
                     replaced[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) \
                         if isinstance(t, nn.Parameter) else new

@@ -66,7 +66,8 @@ def report(original: nn.Module, pruned: nn.Module, example_input: Any, *, latenc
     """Compare ``original`` and ``pruned`` on ``example_input`` (latency: median of torch.utils.benchmark)."""
     before = {name: width_of(m) for name, m in original.named_modules()}
     after = {name: width_of(m) for name, m in pruned.named_modules()}
-    layers = [(name, w, after[name]) for name, w in before.items() if w is not None and after.get(name) is not None]
+    layers = [(name, w, w_after) for name, w in before.items()
+              if w is not None and (w_after := after.get(name)) is not None]
     return Report(
         params=(count_parameters(original), count_parameters(pruned)),
         macs=(count_macs(original, example_input), count_macs(pruned, example_input)) if macs else (None, None),

@@ -60,6 +60,8 @@ class LotteryTicket:
             return self._element_ticket(ratio, criterion, options)
         session = PruningSession(self.model, self.example_input, Options.from_kwargs(
             ratio=ratio, criterion=criterion, caller="prune_and_rewind", **{"verify": False, **options}))
+        # planned on the trained weights, cut from the rewound copy: the dry run stands in for verification,
+        # which cannot compare models holding different values
         return session.apply(session.plan(dry_run=True), onto=self.rewound_copy())[0]
 
     def _element_ticket(self, ratio: float, criterion: Any, options: Dict[str, Any]) -> nn.Module:

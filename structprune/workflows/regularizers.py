@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numbers
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -58,12 +58,14 @@ def bn_l1(model: nn.Module) -> torch.Tensor:
     if not scales:
         raise InvalidOptionError("bn_l1 needs BatchNorm/InstanceNorm layers with affine scales; the model has none: "
                                  "use kind='group_lasso'")
-    return sum(w.abs().sum() for w in scales)
+    return cast(torch.Tensor, sum(w.abs().sum() for w in scales))  # a tensor: ``scales`` is not empty
 
 
 def group_lasso(model: nn.Module, example_input: Optional[Any] = None, **options: Any) -> torch.Tensor:
     """Sum over the prunable channels of every group of the L2 norm of the channel's slices (only over
     the channels ``criterion`` would prune, when ``options`` name one)."""
+    # the groups are cached per model (called every training step); new parameter objects mean the model was
+    # pruned in place since, and options are part of the key because they change which units are penalised
     identity = (tuple(id(p) for p in model.parameters()),
                 tuple(sorted((k, repr(v) if isinstance(v, (int, float, str, bool, type(None))) else id(v))
                              for k, v in options.items())))
@@ -80,8 +82,10 @@ def group_lasso(model: nn.Module, example_input: Optional[Any] = None, **options
         for tensor, dim, index in tensors:
             per_index = tensor.pow(2).sum(dim=[d for d in range(tensor.ndim) if d != dim]) if tensor.ndim > 1 \
                 else tensor.pow(2)
+            # index_add sums every slice of a unit (a grouped conv's tied positions) into that unit's squared norm
             part = torch.zeros(n_units, dtype=per_index.dtype, device=per_index.device).index_add(0, index, per_index)
             squares = part if squares is None else squares + part
+        assert squares is not None  # _group_terms keeps only groups with at least one tensor
         norms = squares[free].clamp_min(1e-24).sqrt()  # clamp: a finite gradient for an all-zero channel
         total = norms.sum() if total is None else total + norms.sum()
     if total is None:

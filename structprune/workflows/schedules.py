@@ -61,6 +61,7 @@ def increments(cumulative: List[float]) -> List[float]:
     """The per-step fraction of the *remaining* channels that takes the model along ``cumulative``."""
     steps, kept = [], 1.0
     for target in cumulative:
+        # going from ``kept`` to 1 - target removes 1 - (1 - target) / kept of what is left (reported per step)
         fraction = 0.0 if kept <= 0 else max(0.0, 1 - (1 - target) / kept)
         steps.append(fraction)
         kept = 1 - target
@@ -115,6 +116,7 @@ class Pruner:
         for index, (target, fraction) in enumerate(zip(self.targets, self.fractions), start=1):
             self.model, report = slim_with_report(self.model, self.example_input, target,
                                                   reference_widths=reference, **self.options)
+            # pinned to the first step's widths: each step's target then counts from the original model
             reference = reference or report.widths
             step = Step(index, len(self), target, fraction, count_parameters(self.model), report)
             self.steps.append(step)

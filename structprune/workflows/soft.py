@@ -7,13 +7,14 @@ the masked model computed (checked by the one verifier).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..graph.dependency_graph import DependencyGraph
+from ..graph.labels import Space
 from ..options import Options
 from ..pipeline import PruningSession
 from ..planning.planner import Plan
@@ -23,9 +24,11 @@ def zero_channels(model: nn.Module, graph: DependencyGraph, dropped: np.ndarray,
     """Zero, in place, the slices of the dropped channels: in every member tensor, or with
     ``filters_only`` only in the layers that produce them (a conv's filters and bias), so that
     gradients still reach them through the layers that follow (soft pruning's regrowth)."""
-    spaces = graph.spaces
+    spaces: Sequence[Space] = graph.spaces
     if filters_only:
         producer = graph.producer_mask()
+        # keyed by (module, dim): a producing conv's bias (same module, dim 0) is zeroed with its filters,
+        # while the layers that read those channels are left alone
         owners = {(s.tensor.rpartition(".")[0], s.dim) for s in spaces if producer[s.start:s.start + s.size].any()}
         spaces = [s for s in spaces if (s.tensor.rpartition(".")[0], s.dim) in owners]
     with torch.no_grad():

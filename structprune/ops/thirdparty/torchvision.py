@@ -53,6 +53,7 @@ if _shifted_window_attention is not None:
             return ctx.unlabeled_output()
         x_label, qkv_label, proj_label = ctx.tlabel(x), ctx.tlabel(qkv_w), ctx.tlabel(proj_w)
         qkv_bias_label, proj_bias_label = ctx.tlabel(ctx.arg(9, "qkv_bias")), ctx.tlabel(ctx.arg(10, "proj_bias"))
+        # a qkv weight without a label (computed, or size 1) becomes -1s: the unifications below then freeze
         rows = qkv_label[0] if qkv_label and qkv_label[0] is not None else np.full(3 * width, -1, np.int64)
         if qkv_bias_label:
             ctx.unify(rows, qkv_bias_label[0], 3 * width)
@@ -65,11 +66,13 @@ if _shifted_window_attention is not None:
         heads = tie_split(ctx, pieces[0], [num_heads, width // num_heads], 0)
         bias_label = ctx.tlabel(bias)
         if bias_label and len(bias_label) >= 3:
+            # the bias is (heads, N, N): each head's bias goes with that head
             ctx.unify(heads, bias_label[-3], num_heads)
             ctx.freeze(bias_label[-2:], "relative positions")
         logit_scale = ctx.tlabel(ctx.arg(11, "logit_scale"))
         if logit_scale:
             ctx.unify(heads, logit_scale[0], num_heads)
+        # the wrapped function receives ``self.num_heads`` as an argument, so the module attribute is the width
         ctx.record_width(ctx.calling_path(), "num_heads", heads)
         ctx.record_head_split(ctx.calling_path(), heads, width // num_heads)
         out_rows = proj_label[0] if proj_label else None

@@ -6,16 +6,24 @@ couples it; here it gets its updater and the axis of its weight that reads the i
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Protocol
 
-from torch import nn
+import torch
 
 from ..registry import register_op
 
 CONV1D = "transformers.pytorch_utils.Conv1D"
 
 
-def update_conv1d(module: nn.Module, old: Dict[str, tuple]) -> None:
+class _Conv1D(Protocol):
+    """What the updater uses of ``transformers.pytorch_utils.Conv1D`` (not imported: it may be absent)."""
+
+    nx: int
+    nf: int
+    weight: torch.Tensor
+
+
+def update_conv1d(module: _Conv1D, old: Dict[str, tuple]) -> None:
     """``nx``/``nf`` (input/output width) follow the sliced (in, out) weight."""
     module.nx, module.nf = module.weight.shape
 
