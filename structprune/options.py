@@ -19,7 +19,7 @@ import difflib
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -34,16 +34,36 @@ TARGETS = ("params", "macs")
 
 
 # ---- validators: each returns the cleaned value or raises with what to pass instead ----------------------------
-def check_fraction(name: str, value: Any, *, closed: bool = False, example: str = "0.5") -> float:
-    """A real number in [0, 1) (``closed``: [0, 1])."""
+def as_scalar(value: Any) -> Any:
+    """A one-element numpy array or tensor as its Python number (``torch.tensor(0.3)`` is a fine ratio)."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+def check_fraction(name: str, value: Any, *, closed: bool = False, example: Optional[str] = None) -> float:
+    """A real number in [0, 1) (``closed``: [0, 1]); ``example`` is the valid call the message suggests."""
     upper = "1]" if closed else "1)"
+    suggestion = example or f"{name}=0.5"
+    value = as_scalar(value)
     # bool is a Real: ``ratio=True`` would otherwise pass as 1.0
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise InvalidRatioError(f"{name} must be a number in [0, {upper}, got {value!r}; pass e.g. {name}={example}")
+        raise InvalidRatioError(f"{name} must be a number in [0, {upper}, got {value!r}; pass e.g. {suggestion}")
     if not (0 <= float(value) <= 1 if closed else 0 <= float(value) < 1):
         raise InvalidRatioError(f"{name} must be in [0, {upper} (the fraction removed), got {value}; "
-                                f"pass e.g. {name}={example}")
+                                f"pass e.g. {suggestion}")
     return float(value)
+
+
+def check_integer(name: str, value: Any, *, low: int, high: Optional[int] = None, example: str = "") -> int:
+    """An integer (Python, numpy or 0-d tensor) in [low, high)."""
+    value = as_scalar(value)
+    exact = int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+    if exact is None or exact < low or (high is not None and exact >= high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise InvalidOptionError(f"{name} must be an integer {bounds}, got {value!r}"
+                                 + (f"; pass e.g. {example}" if example else ""))
+    return exact
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
@@ -61,6 +81,7 @@ def check_flag(name: str, value: Any) -> bool:
 def check_positive_int(name: str, value: Any, *, optional: bool = True) -> Optional[int]:
     if value is None and optional:
         return None
+    value = as_scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise InvalidOptionError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}; "
                                  f"pass e.g. {name}=8")
@@ -83,7 +104,7 @@ def check_target(target: Any) -> Optional[Tuple[str, float]]:
     (kind, fraction), = target.items()
     if kind not in TARGETS:
         raise InvalidOptionError(f"target must name one of {', '.join(map(repr, TARGETS))}; got {kind!r}")
-    return kind, check_fraction(f"target[{kind!r}]", fraction, example="0.3")
+    return kind, check_fraction(f"target[{kind!r}]", fraction, example=f"target={{{kind!r}: 0.3}}")
 
 
 def check_ignore(ignore: Any) -> Tuple[Any, ...]:
@@ -152,8 +173,13 @@ class ScoreOptions:
         if self.data is not None and not isinstance(self.data, Iterable):
             raise InvalidOptionError(f"data must be an iterable of calibration batches (a list or a DataLoader), "
                                      f"got {type(self.data).__name__}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
-            raise InvalidOptionError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None:  # numpy and torch generators both take [0, 2**32)
+            try:
+                object.__setattr__(self, "seed", check_integer("seed", self.seed, low=0, high=2 ** 32,
+                                                               example="seed=0"))
+            except InvalidOptionError:
+                raise InvalidOptionError(f"seed must be an integer in [0, 2**32) or None, got {self.seed!r}; "
+                                         f"pass e.g. seed=0") from None
 
 
 @dataclass(frozen=True)
@@ -188,8 +214,13 @@ class PlanOptions:
 
     def __post_init__(self) -> None:
         budget = check_target(self.target)
-        # with a target the ratio is what the budget search varies: any valid start will do
-        object.__setattr__(self, "ratio", 0.5 if budget else check_fraction("ratio", self.ratio))
+        if budget is None:
+            object.__setattr__(self, "ratio", check_fraction("ratio", self.ratio))
+        else:  # the budget search varies the ratio: a given one is kept (for replace(target=None)), none is fine
+            try:
+                object.__setattr__(self, "ratio", check_fraction("ratio", self.ratio))
+            except InvalidRatioError:
+                object.__setattr__(self, "ratio", 0.5)
         check_choice("scope", self.scope, SCOPES)
         object.__setattr__(self, "max_group_ratio", check_fraction("max_group_ratio", self.max_group_ratio,
                                                                    closed=True))
@@ -247,41 +278,47 @@ class Options:
         return tuple(f.name for section in _SECTIONS.values() for f in dataclasses.fields(section))
 
     @classmethod
-    def from_kwargs(cls, *, allowed: Optional[Iterable[str]] = None, caller: str = "slim",
-                    **kwargs: Any) -> "Options":
-        """Sort flat keywords into their sections and validate them.
+    def from_kwargs(cls, **kwargs: Any) -> "Options":
+        """Sort flat keywords (every name of :meth:`names`) into their sections and validate them."""
+        return cls.parse(kwargs)
 
-        ``allowed`` restricts the keywords (an entry point that has no use for, say, ``inplace``);
-        an unknown keyword raises :class:`InvalidOptionError` naming the closest valid one.
-        """
+    @classmethod
+    def parse(cls, options: Mapping[str, Any], *, allowed: Optional[Iterable[str]] = None,
+              caller: str = "slim") -> "Options":
+        """Like :meth:`from_kwargs`, for a front end: ``allowed`` restricts the names (an entry point that
+        has no use for, say, ``inplace``) and ``caller`` names the function in the messages. An unknown
+        name raises :class:`InvalidOptionError` naming the closest valid one, before any value is checked."""
         valid = tuple(allowed) if allowed is not None else cls.names()
-        for name in kwargs:
-            if name not in valid:
-                close = difflib.get_close_matches(name, valid, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise InvalidOptionError(f"{caller}() has no option {name!r}{hint} Its options are: "
-                                         f"{', '.join(sorted(valid))}")
+        check_names(options, valid, caller)
         sections = {}
         for key, section in _SECTIONS.items():
             own = {f.name for f in dataclasses.fields(section)}
-            sections[key] = section(**{k: v for k, v in kwargs.items() if k in own})
+            sections[key] = section(**{k: v for k, v in options.items() if k in own})
         return cls(**sections)
 
     def replace(self, **kwargs: Any) -> "Options":
         """A copy with some flat keywords changed (validated like :meth:`from_kwargs`)."""
+        check_names(kwargs, self.names(), "replace")
         sections = {}
         for key, section in _SECTIONS.items():
             own = {f.name for f in dataclasses.fields(section)}
             changes = {k: v for k, v in kwargs.items() if k in own}
             current = getattr(self, key)
             sections[key] = dataclasses.replace(current, **changes) if changes else current
-        unknown = set(kwargs) - set(self.names())
-        if unknown:
-            raise InvalidOptionError(f"unknown option(s) {sorted(unknown)}; valid ones: {', '.join(self.names())}")
         return Options(**sections)
 
 
-OptionsLike = Union[Options, Mapping[str, Any], None]
+def check_names(options: Mapping[str, Any], valid: Sequence[str], caller: str) -> None:
+    """Every name in ``options`` is one of ``valid``; else say which one was probably meant."""
+    for name in options:
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            call = caller if caller.endswith(")") else f"{caller}()"
+            raise InvalidOptionError(f"{call} has no option {name!r}{hint} Its options are: "
+                                     f"{', '.join(sorted(valid))}")
+
 
 __all__ = ["ATTENTION_MODES", "NORMALIZATIONS", "Options", "PlanOptions", "PruneOptions", "REDUCTIONS", "SCOPES",
-           "ScoreOptions", "TARGETS", "TRACERS", "TraceOptions", "check_choice", "check_fraction", "check_target"]
+           "ScoreOptions", "TARGETS", "TRACERS", "TraceOptions", "as_scalar", "check_choice", "check_fraction",
+           "check_integer", "check_names", "check_target"]

@@ -59,7 +59,7 @@ def slim_with_report(model: nn.Module, example_input: Any, ratio: float = 0.5,
     ``reference_widths`` (layer name -> width before any pruning, see :attr:`SlimReport.widths`) makes
     ``ratio`` count from those widths: what :class:`structprune.Pruner` uses between steps."""
     require_module(model)  # first: a wrong model explains any other error
-    session = PruningSession(model, example_input, Options.from_kwargs(ratio=ratio, caller="slim", **options))
+    session = PruningSession(model, example_input, Options.parse({"ratio": ratio, **options}, caller="slim"))
     plan = session.plan()
     params_before = count_parameters(model)
     pruned, verdict = session.apply(plan)

@@ -4,8 +4,27 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch import nn
 
 import structprune as sp
+
+
+class Small(nn.Module):
+    """conv -> BN -> ReLU -> conv -> mean pool -> linear: a small model whose channels are coupled across layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv2(torch.relu(self.bn(self.conv(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+X = torch.randn(2, 3, 8, 8)
 
 
 def snapshot(model: torch.nn.Module) -> dict:

@@ -6,26 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from helpers import assert_unchanged, snapshot
+from helpers import Small, X, assert_unchanged, snapshot
 
 import structprune as sp
 from structprune.ops import find_updater, override
-
-
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        x = self.conv2(torch.relu(self.bn(self.conv(x))))
-        return self.fc(x.mean((2, 3)))
-
-
-X = torch.randn(2, 3, 8, 8)
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, math.nan, math.inf, "0.5", True, None])

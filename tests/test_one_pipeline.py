@@ -180,3 +180,73 @@ def test_the_pipeline_session_runs_stage_by_stage():
     plan = session.plan()
     small, verdict = session.apply(plan)
     assert verdict.passed and verdict.exact and sp.count_parameters(small) < sp.count_parameters(model)
+
+
+# ---- review findings on the front ends, pinned -------------------------------------------------------------------
+def test_group_lasso_honours_planning_options_and_caches_inline_ones():
+    model = _net()
+    everything = sp.regularizer(model, "group_lasso", 1.0, example_input=X)
+    ignoring = sp.regularizer(model, "group_lasso", 1.0, example_input=X, ignore=["conv"])
+    assert ignoring.item() < everything.item()
+    # an inline list is the same option every training step: no example_input needed after the first call
+    again = sp.regularizer(model, "group_lasso", 1.0, ignore=["conv"])
+    assert again.item() == pytest.approx(ignoring.item())
+    with pytest.raises(sp.InvalidOptionError, match="has no option 'verify'"):
+        sp.regularizer(model, "group_lasso", 1.0, example_input=X, verify=True)
+
+
+def test_front_end_keywords_cannot_be_smuggled_in_as_options():
+    with pytest.raises(sp.InvalidOptionError, match="no option 'caller'"):
+        sp.slim(_net(), X, 0.5, caller="x")
+    with pytest.raises(sp.InvalidOptionError, match="no option 'allowed'"):
+        sp.slim(_net(), X, 0.5, allowed=["tracer"])
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 40, 1.5])
+def test_seeds_the_generators_cannot_take_are_refused(seed):
+    with pytest.raises(sp.InvalidOptionError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+        sp.slim(_net(), X, 0.5, criterion="random", seed=seed)
+
+
+def test_numpy_and_tensor_scalars_are_valid_numbers():
+    assert sp.Iterative(steps=np.int64(3)).steps == 3
+    small = sp.slim(_net(), X, torch.tensor(0.5))
+    assert _conv_width(small) == 8
+    sp.sparsify(_net(), granularity="nm", n=np.int64(2), m=np.int64(4))
+    assert sp.regularizer(_net(), "bn_l1", torch.tensor(1e-3)).item() > 0
+
+
+def test_a_single_target_glob_is_one_pattern_not_its_characters():
+    model = _net()
+    report = sp.sparsify(model, 0.5, targets="fc.*")
+    assert [row[0] for row in report.rows] == ["fc.bias", "fc.weight"] or [row[0] for row in report.rows] == [
+        "fc.weight", "fc.bias"]
+
+
+def test_iterative_element_tickets_count_earlier_masks():
+    model = _net()
+    ticket = sp.LotteryTicket(model, X)
+    first = ticket.prune_and_rewind(0.5, granularity="element")
+    second = sp.LotteryTicket(first, X).prune_and_rewind(0.75, granularity="element")
+    assert sp.sparsity_report(second).total == pytest.approx(0.75, abs=0.01)
+    local = ticket.prune_and_rewind(0.5, granularity="element", scope="local")
+    assert all(zeros / size == pytest.approx(0.5, abs=0.02) for _, _, _, size, zeros in
+               sp.sparsity_report(local).rows)
+    with pytest.raises(sp.InvalidOptionError, match=r"prune_and_rewind\(granularity='element'\) has no option"):
+        ticket.prune_and_rewind(0.5, granularity="element", ignore=["conv"])
+
+
+def test_options_an_entry_point_cannot_honour_are_refused():
+    with pytest.raises(sp.InvalidOptionError, match="SoftPruner\\(\\) has no option 'inplace'"):
+        sp.SoftPruner(_net(), X, 0.5, inplace=True)
+    with pytest.raises(sp.InvalidOptionError, match="prune_and_rewind\\(\\) has no option 'verify'"):
+        sp.LotteryTicket(_net(), X).prune_and_rewind(0.5, verify=True)
+    with pytest.raises(sp.InvalidOptionError, match="sparsify\\(\\) has no option 'target'"):
+        sp.sparsify(_net(), 0.5, "channel", example_input=X, target={"params": 0.3})
+
+
+def test_replacing_options_checks_names_first_and_keeps_the_ratio():
+    options = sp.Options.from_kwargs(ratio=0.3, target={"params": 0.2})
+    assert options.replace(target=None).plan.ratio == 0.3
+    with pytest.raises(sp.InvalidOptionError, match="did you mean 'scope'"):
+        options.replace(scop="nowhere")

@@ -3,27 +3,9 @@ whose message says what to pass instead, before anything is traced or changed.""
 from __future__ import annotations
 
 import pytest
-import torch
-import torch.nn as nn
-from helpers import assert_unchanged, snapshot
+from helpers import Small, X, assert_unchanged, snapshot
 
 import structprune as sp
-
-
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        x = self.conv2(torch.relu(self.bn(self.conv(x))))
-        return self.fc(x.mean((2, 3)))
-
-
-X = torch.randn(2, 3, 8, 8)
 
 # option -> (a bad value, a phrase the message must contain: what to pass instead)
 BAD_SLIM_OPTIONS = {
@@ -39,7 +21,7 @@ BAD_SLIM_OPTIONS = {
     "loss_fn": ("mse", "a function (model, batch)"),
     "reduction": ("median", "'mean', 'sum', 'max'"),
     "normalize": ("l2", "'mean', 'max', 'sum'"),
-    "seed": (1.5, "integer or None"),
+    "seed": (1.5, "pass e.g. seed=0"),
     "verify": ("yes", "True or False"),
     "inplace": (1, "True or False"),
     "tracer": ("jit", "'auto', 'fx', 'export'"),
@@ -65,7 +47,10 @@ def _entry_points():
 # options an entry point has no use for are refused by name (also a StructPruneError)
 _NOT_TAKEN = {
     "Pruner": {"target"},
-    "sparsify(channel)": {"verify", "inplace"},
+    "sparsify(channel)": {"verify", "inplace", "target"},
+    "SoftPruner": {"inplace"},
+    "LotteryTicket": {"verify", "inplace"},
+    "regularizer": {"verify", "inplace"},
 }
 
 

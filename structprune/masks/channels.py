@@ -15,14 +15,15 @@ from torch.nn.utils import parametrize
 
 from ..errors import InvalidOptionError, VerificationError
 from ..graph.capture import Inputs, eval_mode, output_tensors
-from ..options import Options
+from ..options import Options, check_names
 from ..pipeline import PruningSession, dropped_elements, require_module
 from ..planning.planner import Plan
 from .granularities import Granularity, MaskRequest, register_granularity
 from .parametrize import SparsityReport, baked_copy, original, set_mask, sparsity_report
 
+# slim's planning and trace options that channel masks take (sparsity, scope and criterion are sparsify's own)
 CHANNEL_OPTIONS = ("ignore", "ratios", "round_to", "hidden", "max_group_ratio", "normalize", "reduction", "tracer",
-                   "attention", "target")
+                   "attention")
 
 
 class Channel(Granularity):
@@ -33,8 +34,7 @@ class Channel(Granularity):
     def apply(self, request: MaskRequest) -> SparsityReport:
         if request.example_input is None:
             raise InvalidOptionError("channel masks need example_input=... to find which channels are coupled")
-        # the second call adds sparsify's own keywords, so only the first can name a user's typo as sparsify's
-        Options.from_kwargs(allowed=CHANNEL_OPTIONS, caller="sparsify", **request.options)  # names first
+        check_names(request.options, CHANNEL_OPTIONS, "sparsify")
         options = Options.from_kwargs(
             ratio=request.sparsity, scope=request.scope, criterion=request.criterion, data=request.context.data,
             loss_fn=request.context.loss_fn, seed=request.context.seed, verify=False, **request.options)
@@ -66,8 +66,8 @@ def apply_masks(model: nn.Module, example_input: Any, **options: Any) -> nn.Modu
     require_module(model)
     # masks baked into plain weights: the analysis then sees exact zeros, and the caller's model keeps its masks
     twin = baked_copy(model)
-    session = PruningSession(twin, example_input, Options.from_kwargs(allowed=("tracer", "attention"),
-                                                                      caller="apply_masks", **options))
+    session = PruningSession(twin, example_input,
+                             Options.parse(options, allowed=("tracer", "attention"), caller="apply_masks"))
     graph = session.graph
     params = dict(twin.named_parameters(remove_duplicate=False))
     drops = {}

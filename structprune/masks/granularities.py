@@ -17,9 +17,9 @@ from torch import nn
 
 from ..errors import InvalidOptionError, StructPruneError
 from ..ops.registry import is_weighted
-from ..options import check_choice
+from ..options import check_choice, check_integer
 from ..scoring import Criterion, ScoringContext
-from .parametrize import SparsityReport, original, set_mask, sparsity_report
+from .parametrize import SparsityReport, existing_mask, original, set_mask, sparsity_report
 
 Rows = Tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 Target = Tuple[str, nn.Module, str]  # fully-qualified name, owner module, attribute
@@ -57,14 +57,24 @@ class MaskRequest:
                 if picked and getattr(module, attr, None) is not None:
                     found.append((fqn, module, attr))
         if not found:
-            raise StructPruneError("no tensor to mask: the model has no Linear/Conv weights"
-                                   + ("" if self.targets is None else f" matching {list(self.targets)}"))
+            raise StructPruneError("no tensor to mask: " + ("the model has no Linear/Conv weights; name the "
+                                                            "parameters with targets=['name.*']" if self.targets is None
+                                                            else f"no parameter matches {list(self.targets)}; check "
+                                                                 f"the names in model.named_parameters()"))
         return found
 
     def scores(self, chosen: List[Target]) -> List[torch.Tensor]:
-        """The criterion's element scores of every chosen tensor (higher = keep)."""
-        return [self.criterion.element_scores(fqn, original(module, attr), self.context)
-                for fqn, module, attr in chosen]
+        """The criterion's element scores of every chosen tensor (higher = keep).
+
+        Weights an earlier mask already removed score zero, the lowest a criterion gives, so a second
+        ``sparsify`` (an iterative schedule, a lottery ticket's next round) counts them among the
+        ``sparsity`` it removes instead of picking new ones on top of them."""
+        found = []
+        for fqn, module, attr in chosen:
+            score = self.criterion.element_scores(fqn, original(module, attr), self.context)
+            mask = existing_mask(module, attr)
+            found.append(score if mask is None else score * mask.to(score.dtype))
+        return found
 
 
 class Granularity:
@@ -102,7 +112,8 @@ class StructureGranularity(Granularity):
         views = [self.rows(t, request) for t in tensors]
         fitting = [(target, view) for target, view in zip(chosen, views) if view is not None]
         if not fitting:
-            raise StructPruneError(f"no tensor of the model has {self.name} structures")
+            raise StructPruneError(f"no tensor of the model has {self.name} structures (kernels need conv weights, "
+                                   f"vectors a matrix); pick another granularity or other targets=")
         scores = request.scores([target for target, _ in fitting])
         rows = [(target, view, view[0](score)) for (target, view), score in zip(fitting, scores)]
         if request.scope == "local":
@@ -185,9 +196,10 @@ class NM(Granularity):
     uses_sparsity = False
 
     def apply(self, request: MaskRequest) -> SparsityReport:
-        n, m = request.n, request.m
-        if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
-            raise InvalidOptionError(f"N:M needs integers 0 < n < m, got n={n!r}, m={m!r}; pass e.g. n=2, m=4")
+        n = check_integer("n", request.n, low=1, example="n=2, m=4")
+        m = check_integer("m", request.m, low=2, example="n=2, m=4")
+        if not n < m:
+            raise InvalidOptionError(f"N:M needs 0 < n < m, got n={n}, m={m}; pass e.g. n=2, m=4")
         chosen = request.chosen()
         fits = [c for c in chosen if original(c[1], c[2]).ndim >= 2 and original(c[1], c[2]).shape[1] % m == 0]
         if not fits:

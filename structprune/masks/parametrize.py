@@ -7,7 +7,7 @@ the zeros (the effective weight is recomputed every forward); :func:`remove_mask
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple, cast
+from typing import Dict, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -40,6 +40,13 @@ def original(module: nn.Module, attr: str) -> torch.Tensor:
     if parametrize.is_parametrized(module, attr):
         return parametrization_list(module, attr).original
     return getattr(module, attr)
+
+
+def existing_mask(module: nn.Module, attr: str) -> Optional[torch.Tensor]:
+    """The mask already on ``module.attr`` (None when it has none)."""
+    if not parametrize.is_parametrized(module, attr):
+        return None
+    return next((p.mask for p in getattr(module.parametrizations, attr) if isinstance(p, Mask)), None)
 
 
 def set_mask(module: nn.Module, attr: str, mask: torch.Tensor, granularity: str) -> None:

@@ -49,6 +49,11 @@ def sparsify(model: nn.Module, sparsity: float = 0.5, granularity: str = "elemen
     if channel_options and strategy.name != "channel":
         raise InvalidOptionError(f"options {sorted(channel_options)} are slim's planning options and only apply to "
                                  f"granularity='channel'; remove them, or mask channels")
+    if isinstance(targets, str):  # one glob: a string is not a list of globs
+        targets = [targets]
+    if targets is not None and not all(isinstance(pattern, str) for pattern in targets):
+        raise InvalidOptionError(f"targets must be parameter-name globs such as ['fc.weight', 'layer*.conv*'], "
+                                 f"got {targets!r}")
     score = ScoreOptions(criterion=criterion, data=data, loss_fn=loss_fn, seed=seed)
     context = ScoringContext(model, None, data=score.data, loss_fn=score.loss_fn, seed=score.seed)
     request = MaskRequest(model, sparsity, scope, get_criterion(criterion), context, targets, n, m, axis,

@@ -116,14 +116,24 @@ class Planner:
                     layers.append(_Layer(group, name, units, int(in_layer.sum()), max(per_unit, 1)))
         return layers
 
+    def layers_in_play(self, options: PlanOptions) -> List[_Layer]:
+        """The layers a plan with these options may shrink: not kept whole by a dry run, and with
+        ``hidden=False`` not in a group some LayerNorm/RMSNorm normalises (the residual stream)."""
+        return [layer for layer in self.layers
+                if layer.group.id not in self.excluded and (options.hidden or layer.group.exact)]
+
+    def candidates(self, options: PlanOptions) -> Dict[int, np.ndarray]:
+        """Group id -> every unit a plan with these options may remove (not frozen, ignored or kept whole)."""
+        found: Dict[int, List[np.ndarray]] = {}
+        for layer in self.layers_in_play(options):
+            found.setdefault(layer.group.id, []).append(layer.units)
+        return {gid: np.unique(np.concatenate(parts)) for gid, parts in found.items()}
+
     def plan(self, options: PlanOptions) -> Plan:
         chosen: Dict[int, List[np.ndarray]] = {}
         pooled: List[Tuple[_Layer, np.ndarray]] = []
         ratios = options.ratios or {}  # PlanOptions turns None into {}
-        for layer in self.layers:
-            # hidden=False: an inexact group is one some LayerNorm/RMSNorm normalises, i.e. the residual stream
-            if layer.group.id in self.excluded or (not options.hidden and not layer.group.exact):
-                continue
+        for layer in self.layers_in_play(options):
             fixed = next((r for pattern, r in ratios.items() if fnmatch.fnmatchcase(layer.name, pattern)), None)
             if options.scope == "local" or fixed is not None:
                 ratio = options.ratio if fixed is None else fixed

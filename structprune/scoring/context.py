@@ -8,7 +8,7 @@ never touched), with ``torch.autograd.grad`` (no ``.grad`` fields or hooks are l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -38,18 +38,25 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return F.cross_entropy(logits, targets)
 
 
+GRADIENT_KINDS = ("abs", "channel_taylor", "element_taylor")
+
+
 @dataclass
 class GradientStatistics:
-    """What the calibration batches say about one parameter.
+    """What the calibration batches say about one parameter; only the kinds a criterion asked for are
+    collected (the others stay None), so Taylor scoring of a large model holds no per-weight buffer.
 
     ``abs``: mean |dL/dw| over batches, per element. ``channel_taylor[d]``: for dims 0 and 1, the sum
     over batches of |per-channel sum of w * dL/dw| (Molchanov's first-order Taylor score of a channel).
-    ``element_taylor``: the sum over batches of |w * dL/dw| per element (collected only when asked).
+    ``element_taylor``: the sum over batches of |w * dL/dw| per element.
     """
 
-    abs: torch.Tensor
-    channel_taylor: List[torch.Tensor]
+    abs: Optional[torch.Tensor] = None
+    channel_taylor: Optional[List[torch.Tensor]] = None
     element_taylor: Optional[torch.Tensor] = None
+
+    def buffers(self) -> List[torch.Tensor]:
+        return [b for b in (self.abs, *(self.channel_taylor or ()), self.element_taylor) if b is not None]
 
 
 def _channel_sums(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -57,8 +64,16 @@ def _channel_sums(values: torch.Tensor, dim: int) -> torch.Tensor:
     return values.movedim(dim, 0).reshape(values.shape[dim], -1).sum(1).double()
 
 
+def _empty_statistics(tensor: torch.Tensor, kinds: FrozenSet[str]) -> GradientStatistics:
+    return GradientStatistics(
+        torch.zeros_like(tensor) if "abs" in kinds else None,
+        [torch.zeros(tensor.shape[d], dtype=torch.float64, device=tensor.device) for d in range(min(tensor.ndim, 2))]
+        if "channel_taylor" in kinds else None,
+        torch.zeros_like(tensor) if "element_taylor" in kinds else None)
+
+
 class GradientCollector:
-    """Accumulate gradient statistics of every parameter over calibration batches, once.
+    """Accumulate gradient statistics of every parameter over calibration batches, in one pass.
 
     Under torch.distributed the sums are all-reduced, so every rank scores (and prunes) identically.
     """
@@ -69,13 +84,13 @@ class GradientCollector:
                                      "DataLoader> (and loss_fn=... unless batches are (inputs, targets) pairs)")
         self.model, self.data, self.loss_fn = model, data, loss_fn or default_loss
 
-    def collect(self, element_taylor: bool = False) -> Dict[str, GradientStatistics]:
+    def collect(self, kinds: Iterable[str] = ("abs", "channel_taylor")) -> Dict[str, GradientStatistics]:
+        """The statistics of ``kinds`` (see :data:`GRADIENT_KINDS`) for every parameter."""
+        wanted = frozenset(kinds)
         params = dict(self.model.named_parameters())
         names, tensors = list(params), list(params.values())
         flags = [t.requires_grad for t in tensors]
-        stats = [GradientStatistics(torch.zeros_like(t), [torch.zeros(t.shape[d], dtype=torch.float64, device=t.device)
-                                                          for d in range(min(t.ndim, 2))],
-                                    torch.zeros_like(t) if element_taylor else None) for t in tensors]
+        stats = [_empty_statistics(t, wanted) for t in tensors]
         batches = 0
         try:
             # frozen layers (requires_grad=False) are scored too; the finally below restores every flag
@@ -101,11 +116,14 @@ class GradientCollector:
 
     @staticmethod
     def _accumulate(stat: GradientStatistics, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        stat.abs += grad.abs()
+        if stat.abs is not None:
+            stat.abs += grad.abs()
+        if stat.channel_taylor is None and stat.element_taylor is None:
+            return
         product = weight * grad
         # sum w * g over the channel first, then take |.|: signs cancel within a batch, not across batches
         # (Molchanov et al.'s estimate of the loss change when the whole channel goes)
-        for dim, total in enumerate(stat.channel_taylor):  # |per-channel w*g| of this batch
+        for dim, total in enumerate(stat.channel_taylor or ()):  # |per-channel w*g| of this batch
             total += _channel_sums(product, dim).abs()
         if stat.element_taylor is not None:
             stat.element_taylor += product.abs()
@@ -116,13 +134,13 @@ class GradientCollector:
         counts = torch.tensor([float(batches)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for stat in stats:
-                for buffer in [stat.abs, *stat.channel_taylor] + ([stat.element_taylor]
-                                                                  if stat.element_taylor is not None else []):
+                for buffer in stat.buffers():
                     torch.distributed.all_reduce(buffer)
             torch.distributed.all_reduce(counts)
         for stat in stats:
             # only ``abs`` is a mean; the Taylor scores are sums over batches, as their definition says
-            stat.abs /= counts.item()
+            if stat.abs is not None:
+                stat.abs /= counts.item()
 
 
 @dataclass
@@ -147,6 +165,7 @@ class ScoringContext:
     _tensors: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _sums: Dict[tuple, Dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
     _grads: Optional[Dict[str, GradientStatistics]] = field(default=None, repr=False)
+    _grad_kinds: Set[str] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         check_choice("reduction", self.reduction, REDUCTIONS)
@@ -200,21 +219,21 @@ class ScoringContext:
         return reducers[self.reduction](axis=0)
 
     # ----- gradients ---------------------------------------------------------------------------------------
-    def gradients(self, element_taylor: bool = False) -> Dict[str, GradientStatistics]:
-        """Gradient statistics of every parameter (see :class:`GradientStatistics`), collected once;
-        asking for ``element_taylor`` after a collection without it collects again."""
-        # a cheap collection (no element Taylor) cannot answer an element criterion later: collect again then
-        stale = self._grads is None or (element_taylor and next(iter(self._grads.values()), None) is not None
-                                        and next(iter(self._grads.values())).element_taylor is None)
-        if stale:
-            self._grads = GradientCollector(self.model, self.data, self.loss_fn).collect(element_taylor)
-        assert self._grads is not None
+    def gradients(self, *kinds: str) -> Dict[str, GradientStatistics]:
+        """Gradient statistics of every parameter (see :class:`GradientStatistics`) with at least ``kinds``
+        collected; one pass over the data collects every kind asked for so far."""
+        wanted = set(kinds or ("abs", "channel_taylor"))
+        for kind in wanted:
+            check_choice("gradient statistic", kind, GRADIENT_KINDS)
+        if self._grads is None or not wanted <= self._grad_kinds:
+            self._grad_kinds |= wanted
+            self._grads = GradientCollector(self.model, self.data, self.loss_fn).collect(self._grad_kinds)
         return self._grads
 
-    def gradient_of(self, tensor: torch.Tensor, element_taylor: bool = False) -> GradientStatistics:
+    def gradient_of(self, tensor: torch.Tensor, *kinds: str) -> GradientStatistics:
         """The gradient statistics of a parameter, found by identity (a parametrized weight's original
         is reachable under a longer name than the weight)."""
-        stats = self.gradients(element_taylor)
+        stats = self.gradients(*kinds)
         # by identity, not by name: torch.nn.utils.parametrize moves a weight to ``parametrizations.weight.original``
         for name, parameter in self.model.named_parameters():
             if parameter is tensor:

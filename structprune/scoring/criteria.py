@@ -33,7 +33,7 @@ from __future__ import annotations
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -151,11 +151,13 @@ def _squared(name: str, tensor: torch.Tensor, ctx: ScoringContext) -> torch.Tens
 
 
 def _gradient_elements(name: str, tensor: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
-    return ctx.gradient_of(tensor).abs
+    magnitude = ctx.gradient_of(tensor, "abs").abs
+    assert magnitude is not None
+    return magnitude
 
 
 def _taylor_elements(name: str, tensor: torch.Tensor, ctx: ScoringContext) -> torch.Tensor:
-    taylor = ctx.gradient_of(tensor, element_taylor=True).element_taylor
+    taylor = ctx.gradient_of(tensor, "element_taylor").element_taylor
     assert taylor is not None
     return taylor
 
@@ -200,10 +202,10 @@ def l2_norm(group: Group, ctx: ScoringContext) -> np.ndarray:
 @register_criterion("gradient", element=_gradient_elements)
 def gradient(group: Group, ctx: ScoringContext) -> np.ndarray:
     """Mean |dL/dw| over the calibration batches, summed over the unit's slice in each member."""
-    grads = ctx.gradients()
+    grads = ctx.gradients("abs")
     per_member = []
     for space, index, _ in ctx.trainable_members(group):
-        values = ctx.axis_sums(space.tensor, lambda: grads[space.tensor].abs, "grad", space.dim)
+        values = ctx.axis_sums(space.tensor, lambda: cast(torch.Tensor, grads[space.tensor].abs), "grad", space.dim)
         per_member.append(np.bincount(index, weights=values, minlength=group.n_units))
     return ctx.combine(group, per_member)
 
@@ -212,14 +214,16 @@ def gradient(group: Group, ctx: ScoringContext) -> np.ndarray:
 def taylor(group: Group, ctx: ScoringContext) -> np.ndarray:
     """First-order Taylor importance: per batch |sum over the channel's slice of w * dL/dw|, summed
     over batches (taking the magnitude per batch keeps opposite-signed batches from cancelling)."""
-    grads = ctx.gradients()
+    grads = ctx.gradients("channel_taylor")
     per_member = []
     for space, index, t in ctx.trainable_members(group):
-        per_dim = grads[space.tensor].channel_taylor
+        per_dim = grads[space.tensor].channel_taylor or []
         if space.dim < len(per_dim):
             values = per_dim[space.dim].cpu().numpy()
         else:  # an axis beyond the first two (rare): fall back to the summed-then-absolute form
-            values = np.abs(_channel_sums(t.detach() * grads[space.tensor].abs, space.dim).cpu().numpy())
+            mean_grad = ctx.gradients("abs")[space.tensor].abs
+            assert mean_grad is not None
+            values = np.abs(_channel_sums(t.detach() * mean_grad, space.dim).cpu().numpy())
         per_member.append(np.bincount(index, weights=values, minlength=group.n_units))
     return ctx.combine(group, per_member)
 

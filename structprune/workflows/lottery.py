@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from ..masks import masks, set_mask, sparsify
-from ..options import Options, check_choice, check_fraction
+from ..options import Options, check_choice, check_fraction, check_names
 from ..pipeline import PruningSession
 from ..surgery.copying import deep_copy_module
 
 TICKET_GRANULARITIES = ("channel", "element")
+ELEMENT_OPTIONS = ("scope", "data", "loss_fn", "seed", "targets")  # what an element ticket's sparsify takes
 
 
 class LotteryTicket:
@@ -58,15 +59,18 @@ class LotteryTicket:
         ratio = check_fraction("ratio", ratio)
         if granularity == "element":
             return self._element_ticket(ratio, criterion, options)
-        session = PruningSession(self.model, self.example_input, Options.from_kwargs(
-            ratio=ratio, criterion=criterion, caller="prune_and_rewind", **{"verify": False, **options}))
+        allowed = [name for name in Options.names() if name not in ("verify", "inplace")]
+        session = PruningSession(self.model, self.example_input, Options.parse(
+            {"ratio": ratio, "criterion": criterion, **options}, allowed=allowed, caller="prune_and_rewind")
+            .replace(verify=False))
         # planned on the trained weights, cut from the rewound copy: the dry run stands in for verification,
         # which cannot compare models holding different values
         return session.apply(session.plan(dry_run=True), onto=self.rewound_copy())[0]
 
     def _element_ticket(self, ratio: float, criterion: Any, options: Dict[str, Any]) -> nn.Module:
+        check_names(options, ELEMENT_OPTIONS, "prune_and_rewind(granularity='element')")
         scored = deep_copy_module(self.model)  # masks are chosen on a copy: the trained model stays as it is
-        sparsify(scored, ratio, "element", scope="global", criterion=criterion, **options)
+        sparsify(scored, ratio, "element", criterion=criterion, **{"scope": "global", **options})
         twin = self.rewound_copy()
         for name, mask in masks(scored).items():
             path, _, attr = name.rpartition(".")

@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from ..errors import InvalidOptionError
-from ..options import Options, check_choice
+from ..options import Options, as_scalar, check_choice
 from ..pipeline import PruningSession, require_module
 
 KINDS = ("bn_l1", "group_lasso")
+TARGETING = ("criterion", "ratio", "ratios", "target")  # options that make group lasso target a plan
 # model -> (ids of its parameters when the groups were found, the per-group terms)
 _GROUP_TERMS: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, List[Tuple]]]" = weakref.WeakKeyDictionary()
 
@@ -38,11 +39,13 @@ def regularizer(model: nn.Module, kind: str, strength: float, *, example_input: 
                 **options: Any) -> torch.Tensor:
     """``strength`` times the ``kind`` sparsity penalty of ``model`` (a differentiable scalar).
 
-    ``options`` (group lasso only) are those of :func:`~structprune.slim`; with ``criterion`` (and
-    ``ratio``) the penalty targets the channels that criterion would prune."""
+    ``options`` (group lasso only) are those of :func:`~structprune.slim`: ``ignore``, ``hidden`` and the
+    trace options choose the channels that may be penalised; with ``criterion``, ``ratio``, ``ratios`` or
+    ``target`` the penalty targets only the channels such a plan would prune."""
     require_module(model)
     check_choice("kind", kind, KINDS)
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or strength < 0:
+    value = as_scalar(strength)  # a 0-d tensor (a scheduled strength) multiplies like a number
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
         raise InvalidOptionError(f"strength must be a non-negative number, got {strength!r}; pass e.g. 1e-4")
     if kind == "bn_l1":
         if options or example_input is not None:
@@ -66,9 +69,7 @@ def group_lasso(model: nn.Module, example_input: Optional[Any] = None, **options
     the channels ``criterion`` would prune, when ``options`` name one)."""
     # the groups are cached per model (called every training step); new parameter objects mean the model was
     # pruned in place since, and options are part of the key because they change which units are penalised
-    identity = (tuple(id(p) for p in model.parameters()),
-                tuple(sorted((k, repr(v) if isinstance(v, (int, float, str, bool, type(None))) else id(v))
-                             for k, v in options.items())))
+    identity = (tuple(id(p) for p in model.parameters()), _option_key(options))
     cached = _GROUP_TERMS.get(model)
     if cached is None or cached[0] != identity:  # first call, or the model was pruned in place since
         if example_input is None:
@@ -94,23 +95,37 @@ def group_lasso(model: nn.Module, example_input: Optional[Any] = None, **options
     return total
 
 
+def _option_key(value: Any) -> Any:
+    """A comparable stand-in for option values: plain values and containers by value (a list written
+    inline in the training loop is the same option every step), other objects (modules, data, functions)
+    by identity."""
+    if isinstance(value, (int, float, str, bool, type(None), type)):
+        return value
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _option_key(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return tuple(_option_key(v) for v in value)
+    return ("id", id(value))
+
+
 def _group_terms(model: nn.Module, example_input: Any, options: Dict[str, Any]) -> List[Tuple]:
-    targeted = "criterion" in options
-    session = PruningSession(model, example_input, Options.from_kwargs(caller="regularizer", **options))
-    graph = session.graph
-    targets = session.plan(dry_run=False).drops if targeted else {}
+    allowed = [name for name in Options.names() if name not in ("verify", "inplace", "reference_widths")]
+    parsed = Options.parse(options, allowed=allowed, caller="regularizer")
+    session = PruningSession(model, example_input, parsed)
+    if any(name in options for name in TARGETING):  # only the units such a plan would remove
+        penalised_units = session.plan(dry_run=True).drops
+    else:  # every unit a plan may remove: frozen, ignored and (hidden=False) normalised widths stay free
+        penalised_units = session.planner().candidates(parsed.plan)
     params: Dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     terms = []
-    for group in graph.prunable_groups:
+    for group in session.graph.prunable_groups:
         tensors = []
         for space, index in zip(group.spaces, group.unit_index):
             tensor = params.get(space.tensor)
             if tensor is not None and tensor.requires_grad:  # buffers (running stats) are not trained
                 tensors.append((tensor, space.dim, torch.as_tensor(index, device=tensor.device)))
-        penalised = ~group.frozen_units
-        if targeted:  # only the units the plan would remove
-            penalised = np.zeros(group.n_units, bool)
-            penalised[targets.get(group.id, np.empty(0, np.int64))] = True
+        penalised = np.zeros(group.n_units, bool)
+        penalised[penalised_units.get(group.id, np.empty(0, np.int64))] = True
         if tensors and penalised.any():
             terms.append((tensors, group.n_units, torch.as_tensor(penalised, device=tensors[0][0].device)))
     return terms

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, List, Optional
 from torch import nn
 
 from ..errors import InvalidOptionError
-from ..options import Options, check_choice, check_fraction
+from ..options import Options, check_choice, check_fraction, check_integer
 from ..slim import SlimReport, slim_with_report
 from ..tools.metrics import count_parameters
 from ..tools.progress import progress_bar
@@ -45,8 +45,7 @@ class Iterative:
     initial: float = 0.0
 
     def __post_init__(self):
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise InvalidOptionError(f"steps must be a positive integer, got {self.steps!r}; pass e.g. steps=5")
+        object.__setattr__(self, "steps", check_integer("steps", self.steps, low=1, example="steps=5"))
         check_choice("curve", self.curve, CURVES)
         check_fraction("initial", self.initial)
 
@@ -93,10 +92,9 @@ class Pruner:
         self.model = model
         self.example_input = example_input
         self.ratio = check_fraction("ratio", ratio)
-        if "target" in slim_options or "reference_widths" in slim_options:
-            raise InvalidOptionError("Pruner follows a ratio schedule; target= and reference_widths= are not "
-                                     "options of a Pruner (use slim(..., target=...) for a one-shot budget)")
-        Options.from_kwargs(caller="Pruner", **slim_options)  # every option checked now, not at the first step
+        # a schedule fixes the ratios (and counts them from the original widths itself): no target here
+        allowed = [name for name in Options.names() if name not in ("target", "reference_widths")]
+        Options.parse(slim_options, allowed=allowed, caller="Pruner")  # checked now, not at the first step
         self.schedule = schedule if schedule is not None else OneShot()
         if not callable(getattr(self.schedule, "cumulative", None)):
             raise InvalidOptionError(f"schedule must be sp.OneShot(), sp.Iterative(...) or an object with a "

@@ -47,12 +47,15 @@ class SoftPruner:
     alone, so gradients still reach the zeroed filters), then :meth:`finalize` for the physically
     smaller model.
     Options are those of :func:`structprune.slim` (``criterion``, ``data``, ``scope``, ``ignore``, ``ratios``,
-    ``round_to``, ``hidden``, ``tracer``, ``attention``...); ``verify`` applies to :meth:`finalize`.
+    ``round_to``, ``hidden``, ``tracer``, ``attention``...); ``verify`` (default True) checks the result
+    of :meth:`finalize` and makes every :meth:`update` dry-run its selection on the meta device, so a
+    group whose removal would break the forward is never masked in the first place.
     """
 
     def __init__(self, model: nn.Module, example_input: Any, ratio: float = 0.5, **options: Any):
-        self.session = PruningSession(model, example_input, Options.from_kwargs(ratio=ratio, caller="SoftPruner",
-                                                                                **options))
+        allowed = [name for name in Options.names() if name != "inplace"]  # finalize returns a smaller copy
+        self.session = PruningSession(model, example_input,
+                                      Options.parse({"ratio": ratio, **options}, allowed=allowed, caller="SoftPruner"))
         self.model = model
         self.graph = self.session.graph
         self.plan: Plan = Plan()
@@ -76,6 +79,15 @@ class SoftPruner:
     def finalize(self) -> nn.Module:
         """The model without the channels of the last :meth:`update`. Those channels are first zeroed
         in every member (the next layers' inputs and the norms too, not only the filters), so the
-        masked ``model`` and the returned smaller copy compute exactly the same function."""
+        masked ``model`` and the returned smaller copy compute exactly the same function (verified
+        unless ``verify=False``; if that fails, ``model`` gets its values back before the error is raised)."""
+        touched = {space.tensor for space in self.graph.spaces if space.of(self.dropped).any()}
+        saved = {name: self.graph.tensors[name].detach().clone() for name in touched}
         zero_channels(self.model, self.graph, self.dropped)
-        return self.session.apply(self.plan)[0]
+        try:
+            return self.session.apply(self.plan)[0]
+        except BaseException:
+            with torch.no_grad():
+                for name, values in saved.items():
+                    self.graph.tensors[name].copy_(values)
+            raise
