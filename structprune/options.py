@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 
 from torch import nn
 
-from .errors import InvalidOptionError, InvalidRatioError
+from .errors import InvalidModelError, InvalidOptionError, InvalidRatioError
 
 SCOPES = ("local", "global")
 REDUCTIONS = ("mean", "sum", "max")
@@ -64,6 +64,13 @@ def check_integer(name: str, value: Any, *, low: int, high: Optional[int] = None
         raise InvalidOptionError(f"{name} must be an integer {bounds}, got {value!r}"
                                  + (f"; pass e.g. {example}" if example else ""))
     return exact
+
+
+def require_module(model: Any, name: str = "model") -> nn.Module:
+    """``model`` itself if it is an ``nn.Module``; else :class:`InvalidModelError` saying what to pass."""
+    if isinstance(model, nn.Module):
+        return model
+    raise InvalidModelError(f"{name} must be a torch.nn.Module, not {type(model).__name__}; pass the model itself")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:

@@ -19,9 +19,9 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 from torch import nn
 
-from .errors import InvalidModelError, StructPruneError
+from .errors import StructPruneError
 from .graph.dependency_graph import DependencyGraph
-from .options import Options
+from .options import Options, require_module
 from .planning.budgets import removed_fraction, search_target
 from .planning.dry_run import groups_that_break
 from .planning.planner import Plan, Planner
@@ -138,15 +138,6 @@ class PruningSession:
                 "the model's weights are on the meta device: magnitude criteria and verification need real "
                 "values. Load the weights first, or plan with criterion='random' (or your own scores) and "
                 "verify=False.")
-
-
-def require_module(model: Any) -> nn.Module:
-    """``model`` itself if it is an ``nn.Module``; else :class:`InvalidModelError` saying what to pass."""
-    if isinstance(model, nn.Module):
-        return model
-    hint = " (a ScriptModule is not supported: pass the original nn.Module)" if type(model).__name__.startswith(
-        "Recursive") else ""
-    raise InvalidModelError(f"model must be a torch.nn.Module, not {type(model).__name__}{hint}")
 
 
 def dropped_elements(graph: DependencyGraph, drops: Dict[int, np.ndarray]) -> np.ndarray:

@@ -11,8 +11,8 @@ from typing import Any, Dict, Optional, Tuple
 from torch import nn
 
 from .graph.dependency_graph import DependencyGraph
-from .options import Options
-from .pipeline import PruningSession, require_module
+from .options import Options, require_module
+from .pipeline import PruningSession
 from .planning.planner import Plan
 from .tools.metrics import count_parameters
 from .verify import VerificationResult

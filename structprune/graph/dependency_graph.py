@@ -19,7 +19,7 @@ from ..errors import InvalidModelError, InvalidOptionError, RuleError
 from ..ops import RuleContext, has_module_rule, lookup, op_name, shape_function_for
 from ..ops.context import unlabeled
 from ..ops.registry import rules_are_strict
-from ..options import TraceOptions
+from ..options import TraceOptions, check_integer
 from .capture import Inputs, Trace, capture, eval_mode, mode
 from .inspect import to_dot
 from .labels import ChannelState, Checkpoint, HeadSplit, Label, Space, WidthRecord, has_labels
@@ -218,6 +218,8 @@ class DependencyGraph:
     def summary(self, limit: Optional[int] = None) -> str:
         """A table: group id, width (channels pruned together count once), member tensors, and
         prunable or frozen with the reason; ``limit`` rows at most."""
+        if limit is not None:
+            limit = check_integer("limit", limit, low=0, example="limit=40 (or None for every group)")
         prunable = self.prunable_groups
         lines = [f"{len(self.groups)} groups, {len(prunable)} prunable, traced with {self.trace.tracer}",
                  f"{'group':>5}  {'width':>6}  {'members':>7}  {'status':<9}  first member / why frozen"]

@@ -15,8 +15,8 @@ from torch.nn.utils import parametrize
 
 from ..errors import InvalidOptionError, VerificationError
 from ..graph.capture import Inputs, eval_mode, output_tensors
-from ..options import Options, check_names
-from ..pipeline import PruningSession, dropped_elements, require_module
+from ..options import Options, check_names, require_module
+from ..pipeline import PruningSession, dropped_elements
 from ..planning.planner import Plan
 from .granularities import Granularity, MaskRequest, register_granularity
 from .parametrize import SparsityReport, baked_copy, original, set_mask, sparsity_report

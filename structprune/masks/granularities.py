@@ -216,6 +216,9 @@ _GRANULARITIES: Dict[str, Granularity] = {}
 
 def register_granularity(strategy: Granularity) -> Granularity:
     """Make ``strategy`` available as ``sparsify(..., granularity=strategy.name)``."""
+    if not isinstance(strategy, Granularity) or not isinstance(strategy.name, str) or not strategy.name:
+        raise InvalidOptionError(f"register_granularity takes a Granularity instance with a name, e.g. "
+                                 f"register_granularity(MyGranularity()); got {strategy!r}")
     _GRANULARITIES[strategy.name] = strategy
     return strategy
 

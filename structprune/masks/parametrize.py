@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..options import require_module
 from ..surgery.copying import deep_copy_module
 
 
@@ -97,6 +98,7 @@ class SparsityReport:
 
 def sparsity_report(model: nn.Module) -> SparsityReport:
     """Sparsity of every masked tensor of ``model`` (zeros of the effective, masked weight)."""
+    require_module(model)
     report = SparsityReport()
     for path, module in model.named_modules():
         for attr, plist in getattr(module, "parametrizations", {}).items():
@@ -121,6 +123,7 @@ def masks(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def remove_masks(model: nn.Module) -> nn.Module:
     """Bake every mask into its weight (zeros stay zeros) and drop the parametrizations."""
+    require_module(model)
     for module in list(model.modules()):
         for attr in list(getattr(module, "parametrizations", {}).keys()):
             # parametrizations the user added (weight_norm, orthogonal) stay: baking them would change their behaviour

@@ -14,8 +14,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from torch import nn
 
 from ..errors import InvalidOptionError
-from ..options import SCOPES, ScoreOptions, check_choice, check_fraction
-from ..pipeline import require_module
+from ..options import SCOPES, ScoreOptions, check_choice, check_fraction, require_module
 from ..scoring import ScoringContext, get_criterion
 from . import channels  # noqa: F401  (registers the "channel" granularity)
 from .granularities import MaskRequest, check_axis, get_granularity

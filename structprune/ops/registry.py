@@ -58,6 +58,7 @@ FIELDS = ("rule", "shape", "update", "width", "input_axes", "weighted")
 # facts that only hold while a subclass keeps the registered class's forward
 _FORWARD_BOUND = ("rule", "shape")
 STRICT_ENV = "STRUCTPRUNE_STRICT_RULES"
+TARGET_KINDS = ("module", "function", "method", "aten", "container")
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,8 @@ def register_op(*targets: Target, doc: str = "", **facts: Any) -> None:
 
 def rule(*targets: Target) -> Callable[[Rule], Rule]:
     """Register the decorated function as the rule for every given target."""
+    for target in targets:  # at the decorator line, before the function it decorates is even defined
+        _checked(target)
 
     def register(fn: Rule) -> Rule:
         register_op(*targets, rule=fn)
@@ -188,6 +191,11 @@ def rule(*targets: Target) -> Callable[[Rule], Rule]:
 def updater(*classes: Target) -> Callable[[Updater], Updater]:
     """Register ``fn(module, old_shapes)`` to refresh metadata of ``classes`` after slicing. A class
     may be given as its ``"module.QualName"`` string, so a library need not be imported to register."""
+
+    for cls in classes:
+        if target_kind(cls) != "module" or (not isinstance(cls, (type, str))):
+            raise InvalidOptionError(f"updaters are registered for module classes (nn.Conv2d) or their "
+                                     f"'module.QualName' strings, got {cls!r}")
 
     def register(fn: Updater) -> Updater:
         register_op(*classes, update=fn)
@@ -225,6 +233,8 @@ def override(*targets: Target, **facts: Any) -> Iterator[None]:
 def list_ops(kind: Optional[str] = None) -> List[OpSpec]:
     """Every registered spec (of one ``kind``: ``"module"``, ``"function"``, ``"method"``, ``"aten"``,
     ``"container"``), sorted by kind and name."""
+    if kind is not None and kind not in TARGET_KINDS:
+        raise InvalidOptionError(f"kind must be one of {', '.join(map(repr, TARGET_KINDS))} or None; got {kind!r}")
     specs = [spec for spec in _SPECS.values() if kind is None or spec.kind == kind]
     return sorted(specs, key=lambda spec: (spec.kind, spec.name))
 

@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from torch import nn
 
+from ..errors import InvalidOptionError
 from ..options import check_choice
 
 SIZE_ATTRIBUTES: Dict[str, set] = {
@@ -27,6 +28,8 @@ SIZE_ATTRIBUTES: Dict[str, set] = {
 def register_size_attribute(role: str, name: str) -> None:
     """Teach structprune that attribute ``name`` holds a size of kind ``role`` (one of ``SIZE_ATTRIBUTES``)."""
     check_choice("role", role, sorted(SIZE_ATTRIBUTES))
+    if not isinstance(name, str) or not name.isidentifier():
+        raise InvalidOptionError(f"name must be an attribute name such as 'n_heads', got {name!r}")
     SIZE_ATTRIBUTES[role].add(name)
 
 

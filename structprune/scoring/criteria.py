@@ -89,6 +89,11 @@ def register_criterion(name: str, *, element: Optional[ElementScore] = None,
     Registering a name again replaces the criterion, with a warning.
     """
     check_choice("structure", structure, STRUCTURE_REDUCTIONS)
+    if not isinstance(name, str) or not name:
+        raise InvalidOptionError(f"a criterion is registered under a name (a non-empty str), e.g. "
+                                 f"@register_criterion('my_score'); got {name!r}")
+    if element is not None and not callable(element):
+        raise InvalidOptionError(f"element must be a function (name, tensor, context) -> scores, got {element!r}")
 
     def register(fn: ChannelScore) -> ChannelScore:
         if name in _CRITERIA and _CRITERIA[name].channel is not fn:

@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, Union
 import torch
 from torch import nn
 
-from ..errors import LoadError
+from ..errors import InvalidOptionError, LoadError
+from ..options import require_module
 
 FORMAT = "structprune"
 VERSION = 1
@@ -60,6 +61,10 @@ def save(model: nn.Module, directory: Union[str, os.PathLike]) -> None:
     """Write ``model`` (typically pruned) to ``directory`` as safetensors weights plus a JSON plan."""
     from safetensors.torch import save_model
 
+    require_module(model)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise InvalidOptionError(f"{directory} is a file; save writes a directory (model.safetensors + "
+                                 f"{PLAN_FILE}): pass a new or existing directory path")
     os.makedirs(directory, exist_ok=True)
     state = model.state_dict(keep_vars=True)
     plan = {

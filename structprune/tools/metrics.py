@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from ..graph.capture import Inputs, eval_mode
+from ..options import require_module
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Number of parameters (a tensor shared by several modules counts once)."""
+    return sum(p.numel() for p in require_module(model).parameters())
 
 
 def count_macs(model: nn.Module, example_input: Any) -> int:

@@ -12,6 +12,7 @@ from typing import Any, List, Optional, Tuple
 from torch import nn
 
 from ..ops.registry import width_of
+from ..options import check_flag, require_module
 from .metrics import count_macs, count_parameters, latency_ms
 
 
@@ -64,6 +65,10 @@ class Report:
 def report(original: nn.Module, pruned: nn.Module, example_input: Any, *, latency: bool = True,
            macs: bool = True) -> Report:
     """Compare ``original`` and ``pruned`` on ``example_input`` (latency: median of torch.utils.benchmark)."""
+    require_module(original, "original")
+    require_module(pruned, "pruned")
+    check_flag("latency", latency)
+    check_flag("macs", macs)
     before = {name: width_of(m) for name, m in original.named_modules()}
     after = {name: width_of(m) for name, m in pruned.named_modules()}
     layers = [(name, w, w_after) for name, w in before.items()

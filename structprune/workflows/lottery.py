@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..masks import masks, set_mask, sparsify
-from ..options import Options, check_choice, check_fraction, check_names
+from ..options import Options, check_choice, check_fraction, check_names, require_module
 from ..pipeline import PruningSession
 from ..surgery.copying import deep_copy_module
 
@@ -31,7 +31,7 @@ class LotteryTicket:
     """
 
     def __init__(self, model: nn.Module, example_input: Any):
-        self.model = model
+        self.model = require_module(model)
         self.example_input = example_input
         self.snapshot()
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import InvalidOptionError
-from ..options import Options, as_scalar, check_choice
-from ..pipeline import PruningSession, require_module
+from ..options import Options, as_scalar, check_choice, require_module
+from ..pipeline import PruningSession
 
 KINDS = ("bn_l1", "group_lasso")
 TARGETING = ("criterion", "ratio", "ratios", "target")  # options that make group lasso target a plan

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, List, Optional
 from torch import nn
 
 from ..errors import InvalidOptionError
-from ..options import Options, check_choice, check_fraction, check_integer
+from ..options import Options, check_choice, check_flag, check_fraction, check_integer
 from ..slim import SlimReport, slim_with_report
 from ..tools.metrics import count_parameters
 from ..tools.progress import progress_bar
@@ -101,7 +101,7 @@ class Pruner:
                                      f"cumulative(ratio) method, got {self.schedule!r}")
         self.targets = self.schedule.cumulative(self.ratio)
         self.fractions = increments(self.targets)
-        self.progress = progress
+        self.progress = check_flag("progress", progress)
         self.options = slim_options
         self.steps: List[Step] = []
 
