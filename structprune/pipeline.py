@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
 from torch import nn
 
 from .errors import StructPruneError
@@ -139,7 +138,3 @@ class PruningSession:
                 "values. Load the weights first, or plan with criterion='random' (or your own scores) and "
                 "verify=False.")
 
-
-def dropped_elements(graph: DependencyGraph, drops: Dict[int, np.ndarray]) -> np.ndarray:
-    """Per channel element of ``graph``: True where ``drops`` (group id -> unit indices) removes it."""
-    return Plan(dict(drops)).element_mask(graph)

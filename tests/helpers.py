@@ -12,12 +12,12 @@ import structprune as sp
 class Small(nn.Module):
     """conv -> BN -> ReLU -> conv -> mean pool -> linear: a small model whose channels are coupled across layers."""
 
-    def __init__(self):
+    def __init__(self, width: int = 8):
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 4)
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.fc = nn.Linear(width, 4)
 
     def forward(self, x):
         x = self.conv2(torch.relu(self.bn(self.conv(x))))

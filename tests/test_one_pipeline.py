@@ -6,30 +6,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from helpers import Small, X
 
 import structprune as sp
 
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 16, 3, padding=1)
-        self.bn = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 4)
-
-    def forward(self, x):
-        x = self.conv2(torch.relu(self.bn(self.conv(x))))
-        return self.fc(x.mean((2, 3)))
-
-
-X = torch.randn(2, 3, 8, 8)
 BATCHES = [(torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))) for _ in range(2)]
 
 
-def _net(seed: int = 0) -> Net:
+def _net(seed: int = 0) -> Small:
     torch.manual_seed(seed)
-    return Net().eval()
+    return Small(width=16).eval()
 
 
 def _conv_width(model: nn.Module) -> int:

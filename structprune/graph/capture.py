@@ -198,8 +198,7 @@ def capture(model: nn.Module, inputs: Inputs, is_rule_leaf, training: bool = Fal
     ``tracer="auto"`` tries torch.fx, then torch.export (non-strict); ``"fx"`` or ``"export"`` use
     one of them only. Raises TraceError naming every tracer's failure.
     """
-    if tracer not in TRACERS:
-        check_choice("tracer", tracer, TRACERS)
+    check_choice("tracer", tracer, TRACERS)
     attempts = {"fx": lambda: _fx_trace(model, inputs, is_rule_leaf), "export": lambda: _export_trace(model, inputs)}
     order = ["fx", "export"] if tracer == "auto" else [tracer]
     failures = []

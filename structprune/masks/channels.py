@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 from ..errors import InvalidOptionError, VerificationError
 from ..graph.capture import Inputs, eval_mode, output_tensors
 from ..options import Options, check_names, require_module
-from ..pipeline import PruningSession, dropped_elements
+from ..pipeline import PruningSession
 from ..planning.planner import Plan
 from .granularities import Granularity, MaskRequest, register_granularity
 from .parametrize import SparsityReport, baked_copy, original, set_mask, sparsity_report
@@ -89,12 +89,13 @@ def apply_masks(model: nn.Module, example_input: Any, **options: Any) -> nn.Modu
         # statistics, so the result could no longer equal the masked model
         if seen and units.size and group.exact and units.size < group.n_units:
             drops[group.id] = units
-    small, _ = session.apply(Plan(drops))  # verified against the zeroed (masked) twin
-    _check_same(model, small, Inputs.from_example(example_input), dropped_elements(graph, drops))
+    plan = Plan(drops)
+    small, _ = session.apply(plan)  # verified against the zeroed (masked) twin
+    _check_same(model, small, Inputs.from_example(example_input), plan.n_dropped)
     return small
 
 
-def _check_same(masked: nn.Module, small: nn.Module, inputs: Inputs, dropped: np.ndarray) -> None:
+def _check_same(masked: nn.Module, small: nn.Module, inputs: Inputs, n_removed: int) -> None:
     """The removal must not change what the masked model computes (masks are exact zeros)."""
     with torch.no_grad(), eval_mode(masked), eval_mode(small):
         fresh = inputs.cloned()
@@ -105,4 +106,4 @@ def _check_same(masked: nn.Module, small: nn.Module, inputs: Inputs, dropped: np
         if ref.is_floating_point() and not torch.allclose(ref, out, rtol=1e-4,
                                                           atol=1e-5 * max(1.0, ref.abs().max().item())):
             raise VerificationError(f"the pruned copy differs from the masked model by "
-                                    f"{(ref - out).abs().max().item():.3g} ({int(dropped.sum())} channels removed)")
+                                    f"{(ref - out).abs().max().item():.3g} ({n_removed} channels removed)")
