@@ -19,7 +19,7 @@ import difflib
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -30,7 +30,8 @@ REDUCTIONS = ("mean", "sum", "max")
 NORMALIZATIONS = (None, "mean", "max", "sum")
 TRACERS = ("auto", "fx", "export")
 ATTENTION_MODES = ("heads", "head_dims")
-TARGETS = ("params", "macs")
+TARGETS = ("params", "macs", "latency")
+RoundTo = Union[int, str, None]  # a channel multiple, "auto" (the hardware's, see planning.hardware), or None: off
 
 
 # ---- validators: each returns the cleaned value or raises with what to pass instead ----------------------------
@@ -95,6 +96,17 @@ def check_positive_int(name: str, value: Any, *, optional: bool = True) -> Optio
     return int(value)
 
 
+def check_round_to(value: Any) -> RoundTo:
+    """``"auto"``, a positive integer, or None (1 and None both mean: no rounding)."""
+    if value == "auto" and isinstance(value, str):
+        return value
+    try:
+        return check_positive_int("round_to", value)
+    except InvalidOptionError:
+        raise InvalidOptionError(f"round_to must be 'auto', a positive integer or None, got {value!r}; pass e.g. "
+                                 f"round_to=8, or round_to=None to keep the exact widths the ratio gives") from None
+
+
 def check_callable(name: str, value: Any, signature: str) -> Optional[Callable]:
     if value is not None and not callable(value):
         raise InvalidOptionError(f"{name} must be a function {signature} or None, got {type(value).__name__}")
@@ -102,11 +114,12 @@ def check_callable(name: str, value: Any, signature: str) -> Optional[Callable]:
 
 
 def check_target(target: Any) -> Optional[Tuple[str, float]]:
-    """``{"params": f}`` or ``{"macs": f}`` -> ``(kind, f)``; None stays None."""
+    """``{"params": f}``, ``{"macs": f}`` or ``{"latency": f}`` -> ``(kind, f)``; None stays None."""
     if target is None:
         return None
     if not isinstance(target, Mapping) or len(target) != 1:
-        raise InvalidOptionError(f"target must be a dict with one entry, {{'params': f}} or {{'macs': f}}, "
+        raise InvalidOptionError(f"target must be a dict with one entry, {{'params': f}}, {{'macs': f}} or "
+                                 f"{{'latency': f}}, "
                                  f"got {target!r}")
     (kind, fraction), = target.items()
     if kind not in TARGETS:
@@ -197,9 +210,13 @@ class PlanOptions:
         whole model, least important first (``scope="global"``). At least one channel of every layer
         is kept. Ignored when ``target`` is given.
     target: ``{"params": f}`` or ``{"macs": f}``: remove that fraction of the model instead (within one
-        percentage point).
+        percentage point); ``{"latency": f}``: remove that fraction of the forward's latency, measured on
+        the model's device and dtype at the example input's batch (the pruned model runs in
+        ``1 - f`` of the dense time, within 5% of it).
     scope: ``"local"`` or ``"global"``; ``max_group_ratio`` caps what global scope takes from one layer.
-    round_to: keep widths that are multiples of this number of channels.
+    round_to: keep widths that are multiples of this number of channels. ``"auto"`` (the default) keeps
+        the widths the model's device and dtype run well (multiples of up to 64 on a GPU, 16 on a CPU
+        in fp32; see :mod:`structprune.planning.hardware`); ``None`` keeps exactly what the ratio gives.
     ignore: modules kept whole: names or globs, instances, or classes.
     ratios: ``{"module.glob.*": ratio}`` overrides for matching layers.
     normalize: per-group score normalisation for global ranking: ``"mean"``, ``"max"``, ``"sum"`` or None.
@@ -212,7 +229,7 @@ class PlanOptions:
     target: Optional[Mapping[str, float]] = None
     scope: str = "local"
     max_group_ratio: float = 1.0
-    round_to: Optional[int] = None
+    round_to: RoundTo = "auto"
     ignore: Any = ()
     ratios: Optional[Mapping[str, float]] = field(default=None)
     normalize: Optional[str] = "mean"
@@ -231,7 +248,7 @@ class PlanOptions:
         check_choice("scope", self.scope, SCOPES)
         object.__setattr__(self, "max_group_ratio", check_fraction("max_group_ratio", self.max_group_ratio,
                                                                    closed=True))
-        object.__setattr__(self, "round_to", check_positive_int("round_to", self.round_to))
+        object.__setattr__(self, "round_to", check_round_to(self.round_to))
         object.__setattr__(self, "ignore", check_ignore(self.ignore))
         object.__setattr__(self, "ratios", check_ratios(self.ratios))
         check_choice("normalize", self.normalize, NORMALIZATIONS)
@@ -326,6 +343,6 @@ def check_names(options: Mapping[str, Any], valid: Sequence[str], caller: str) -
                                      f"{', '.join(sorted(valid))}")
 
 
-__all__ = ["ATTENTION_MODES", "NORMALIZATIONS", "Options", "PlanOptions", "PruneOptions", "REDUCTIONS", "SCOPES",
-           "ScoreOptions", "TARGETS", "TRACERS", "TraceOptions", "as_scalar", "check_choice", "check_fraction",
-           "check_integer", "check_names", "check_target"]
+__all__ = ["ATTENTION_MODES", "NORMALIZATIONS", "Options", "PlanOptions", "PruneOptions", "REDUCTIONS", "RoundTo",
+           "SCOPES", "ScoreOptions", "TARGETS", "TRACERS", "TraceOptions", "as_scalar", "check_choice",
+           "check_fraction", "check_integer", "check_names", "check_round_to", "check_target"]

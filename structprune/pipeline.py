@@ -21,9 +21,11 @@ from torch import nn
 from .errors import StructPruneError
 from .graph.dependency_graph import DependencyGraph
 from .options import Options, require_module
-from .planning.budgets import removed_fraction, search_target
+from .planning.budgets import removed_fraction
 from .planning.dry_run import groups_that_break
+from .planning.latency import search_latency
 from .planning.planner import Plan, Planner
+from .planning.search import search_target
 from .scoring import ScoringContext, get_criterion
 from .surgery.shrink import rollback, shrink, shrunk_copy
 from .verify import VerificationResult, Verifier
@@ -95,6 +97,8 @@ class PruningSession:
         if budget is None:
             return planner.plan(options)
         kind, fraction = budget
+        if kind == "latency":
+            return search_latency(planner, options, fraction)[0]
         return search_target(planner, options, removed_fraction(kind, self.graph, self.model), fraction)[0]
 
     # ----- shrink and verify -----------------------------------------------------------------------------------

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, cast
+from typing import Any, Dict, Optional, Tuple, cast
 
 import numpy as np
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_map
 
 from .errors import VerificationError
 from .graph.capture import eval_mode, output_tensors
 from .graph.dependency_graph import DependencyGraph
 from .graph.labels import Label
+from .precision import LOW_PRECISION, RTOL, cast_floats, compute_dtype, computing_in, ieee_fp32, native_tolerance
 from .surgery.shrink import shrunk_copy
-
-RTOL = 1e-4  # relative to the largest reference magnitude: pruning only reorders float sums
 
 
 @dataclass
@@ -58,12 +58,26 @@ def _zero_dropped(value: Any, label: Label, dropped: np.ndarray) -> Any:
 
 
 class ZeroingInterpreter(fx.Interpreter):
-    """Run the captured original graph, zeroing every dropped channel in every labelled tensor."""
+    """Run the captured original graph, zeroing every dropped channel in every labelled tensor.
 
-    def __init__(self, module: nn.Module, graph: fx.Graph, labels: Dict[fx.Node, Label], dropped: np.ndarray):
+    With ``dtype`` (the precision verification computes in), the fp16/bf16 literals a trace recorded
+    (``x.to(torch.bfloat16)`` from a forward that read ``self.dtype``) cast to ``dtype`` instead."""
+
+    def __init__(self, module: nn.Module, graph: fx.Graph, labels: Dict[fx.Node, Label], dropped: np.ndarray,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__(module, graph=graph)
         self._labels = labels
         self._dropped = dropped
+        self._dtype = dtype
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> Tuple[Tuple, Dict[str, Any]]:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        if self._dtype is None:
+            return args, kwargs
+        return cast(Tuple[Tuple, Dict[str, Any]], tree_map(self._promoted, (args, kwargs)))
+
+    def _promoted(self, value: Any) -> Any:
+        return self._dtype if isinstance(value, torch.dtype) and value in LOW_PRECISION else value
 
     def run_node(self, n: fx.Node) -> Any:
         # zero after every node, not only after the producing layer: a BatchNorm shift or a bias would make a
@@ -107,12 +121,31 @@ def _zeroed_leaf_parameters(dg: DependencyGraph, dropped: np.ndarray):
             module._parameters[name] = t
 
 
-def zeroed_reference(dg: DependencyGraph, dropped: np.ndarray) -> Any:
+def zeroed_reference(dg: DependencyGraph, dropped: np.ndarray, dtype: Optional[torch.dtype] = None) -> Any:
     """Outputs of the original model with every dropped channel zeroed (run before shrinking, since an
-    in-place shrink changes the very modules the captured graph calls)."""
-    with torch.no_grad(), eval_mode(dg.model), _zeroed_leaf_parameters(dg, dropped):
-        return ZeroingInterpreter(dg.trace.module, dg.trace.graph, dg.labels, dropped).run(
-            *dg.trace.run_args(dg.inputs))
+    in-place shrink changes the very modules the captured graph calls), computed in ``dtype`` (None: the
+    model's own) with full-precision fp32 arithmetic (see :mod:`structprune.precision`)."""
+    with torch.no_grad(), eval_mode(dg.model), ieee_fp32(), computing_in(dg.model, dtype), \
+            _zeroed_leaf_parameters(dg, dropped):
+        return ZeroingInterpreter(dg.trace.module, dg.trace.graph, dg.labels, dropped, dtype).run(
+            *cast_floats(dg.trace.run_args(dg.inputs), dtype))
+
+
+def computes_alike(dg: DependencyGraph, dtype: torch.dtype) -> bool:
+    """Do the model's own forward and its captured graph agree when both compute in ``dtype``? Not when the
+    forward pins a dtype the graph's promotion cannot reach (``x.half()`` inside ``forward``)."""
+    nothing = np.zeros(dg.n_elements, bool)
+    inputs = dg.inputs.cloned()
+    try:
+        traced = output_tensors(zeroed_reference(dg, nothing, dtype))
+        with torch.no_grad(), eval_mode(dg.model), ieee_fp32(), computing_in(dg.model, dtype):
+            eager = output_tensors(dg.model(*cast_floats(inputs.args, dtype), **cast_floats(inputs.kwargs, dtype)))
+    except Exception:  # e.g. a bf16 activation meeting an fp32 weight: the model cannot run in fp32
+        return False
+    return len(traced) == len(eager) and all(
+        a.shape == b.shape and a.dtype == b.dtype and
+        (not a.is_floating_point() or (a - b).abs().max().item() <= RTOL * max(a.abs().max().item(), 1e-6) + 1e-6)
+        for a, b in zip(traced, eager) if a.numel())
 
 
 def is_exact(dg: DependencyGraph, dropped: np.ndarray) -> bool:
@@ -121,17 +154,20 @@ def is_exact(dg: DependencyGraph, dropped: np.ndarray) -> bool:
 
 
 def verify(dg: DependencyGraph, pruned: nn.Module, dropped: np.ndarray, reference: Any = None,
-           exact: Optional[bool] = None) -> VerificationResult:
-    """Compare ``pruned`` on the example input with the zeroed original (``reference`` if precomputed)."""
+           exact: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
+           rtol: Optional[float] = None) -> VerificationResult:
+    """Compare ``pruned`` on the example input with the zeroed original (``reference`` if precomputed, in
+    the same ``dtype``), to ``rtol`` of the largest reference magnitude (default :data:`RTOL`)."""
     # fresh inputs: an in-place op in the pruned forward must not alter the example input used again later
     inputs = dg.inputs.cloned()
+    rtol = RTOL if rtol is None else rtol
     if exact is None:
         exact = is_exact(dg, dropped)
     if reference is None:
-        reference = zeroed_reference(dg, dropped)
-    with torch.no_grad(), eval_mode(pruned):
+        reference = zeroed_reference(dg, dropped, dtype)
+    with torch.no_grad(), eval_mode(pruned), ieee_fp32(), computing_in(pruned, dtype):
         try:
-            result = pruned(*inputs.args, **inputs.kwargs)
+            result = pruned(*cast_floats(inputs.args, dtype), **cast_floats(inputs.kwargs, dtype))
         except Exception as error:
             return VerificationResult(False, exact, float("inf"),
                                       f"the pruned model failed to run: {type(error).__name__}: {error}")
@@ -157,7 +193,7 @@ def verify(dg: DependencyGraph, pruned: nn.Module, dropped: np.ndarray, referenc
             worst = max(worst, err / max(scale, 1e-12))
             # relative to the largest magnitude, not element-wise: pruning reorders sums, so small outputs carry
             # the absolute rounding error of large ones; the 1e-6 floors keep all-zero outputs comparable
-            if err > RTOL * max(scale, 1e-6) + 1e-6:
+            if err > rtol * max(scale, 1e-6) + 1e-6:
                 return VerificationResult(False, exact, err / max(scale, 1e-12),
                                           f"output {k} differs from the zeroed original by {err:.3g} "
                                           f"(largest reference magnitude {scale:.3g})")
@@ -179,18 +215,24 @@ class Verifier:
     def __init__(self, dg: DependencyGraph, dropped: np.ndarray):
         self.dg, self.dropped = dg, dropped
         self.exact_part: Optional[VerificationResult] = None
+        # fp16/bf16 models are compared in fp32 (see structprune.precision); one whose graph pins its dtype
+        # cannot be, and is compared in its own dtype at that dtype's tolerance
+        self.dtype, self.rtol = compute_dtype(dg.model), RTOL
+        if self.dtype is not None and not computes_alike(dg, self.dtype):
+            self.dtype, self.rtol = None, native_tolerance(dg.model)
+        self.reference = zeroed_reference(dg, dropped, self.dtype)
         # dropping only the channels whose groups see per-channel ops gives a model that must match exactly
         subset = dropped & dg.exact_elements
         if not is_exact(dg, dropped) and subset.any():
-            self.exact_part = verify(dg, shrunk_copy(dg.model, dg, subset), subset, zeroed_reference(dg, subset),
-                                     exact=True)
+            self.exact_part = verify(dg, shrunk_copy(dg.model, dg, subset), subset,
+                                     zeroed_reference(dg, subset, self.dtype), exact=True, dtype=self.dtype,
+                                     rtol=self.rtol)
             if not self.exact_part.passed:
                 raise VerificationError(self.explain(self.exact_part))
-        self.reference = zeroed_reference(dg, dropped)
 
     def check(self, pruned: nn.Module) -> VerificationResult:
         """The verdict on ``pruned``; raises :class:`VerificationError` when it fails."""
-        result = verify(self.dg, pruned, self.dropped, self.reference)
+        result = verify(self.dg, pruned, self.dropped, self.reference, dtype=self.dtype, rtol=self.rtol)
         if not result.passed:
             raise VerificationError(self.explain(result))
         if self.exact_part is not None:

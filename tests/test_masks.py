@@ -182,6 +182,66 @@ def test_semi_structured_export_warns_on_cpu_and_keeps_the_masked_model():
     assert torch.equal(model[0].weight, before)
 
 
+@pytest.mark.parametrize("capability, cusparselt, requested, expected", [
+    ((9, 0), True, None, "cusparselt"),       # Hopper: cuSPARSELt is the only backend that runs
+    ((9, 0), True, "cusparselt", "cusparselt"),
+    ((8, 0), True, None, "cusparselt"),       # Ampere: cuSPARSELt preferred when torch has it ...
+    ((8, 6), False, None, "cutlass"),         # ... CUTLASS otherwise
+    ((8, 9), True, "cutlass", "cutlass"),     # an explicit choice is honoured where it runs
+    ((10, 0), True, None, "cusparselt"),
+])
+def test_semi_structured_backend_choice(capability, cusparselt, requested, expected):
+    from structprune.masks.semi_structured import choose_backend
+
+    assert choose_backend(capability, cusparselt, requested) == expected
+
+
+@pytest.mark.parametrize("capability, cusparselt, requested, match", [
+    ((9, 0), False, None, "sm_90.*sm_80-sm_89"),       # Hopper without cuSPARSELt: CUTLASS refuses
+    ((9, 0), True, "cutlass", "cutlass.*sm_90.*backend='cusparselt'"),
+    ((8, 0), False, "cusparselt", "cusparselt.*not available.*backend='cutlass' works"),
+    ((7, 5), True, None, "sm_75.*no sparse tensor cores"),
+])
+def test_semi_structured_backend_refusals_say_why(capability, cusparselt, requested, match):
+    from structprune.masks.semi_structured import choose_backend
+
+    with pytest.raises(sp.StructPruneError, match=match):
+        choose_backend(capability, cusparselt, requested)
+
+
+def test_semi_structured_backend_name_is_checked_first():
+    from structprune.masks.semi_structured import choose_backend
+
+    with pytest.raises(sp.InvalidOptionError, match="backend must be one of 'cusparselt', 'cutlass'"):
+        choose_backend((9, 0), True, "cuSPARSELt")
+    model = nn.Sequential(nn.Linear(16, 16))  # no 2:4 mask: the bad option is still what is reported
+    with pytest.raises(sp.InvalidOptionError, match="backend"):
+        sp.to_semi_structured(model, backend="triton")
+    sp.sparsify(model, granularity="nm", n=2, m=4)
+    with pytest.warns(UserWarning, match="CUDA"):  # a valid backend on a CPU model: still warn, stay dense
+        assert sp.to_semi_structured(model, backend="cutlass") is model
+
+
+@pytest.mark.parametrize("capability, built, dtype, requested, expected", [
+    ((9, 0), True, torch.float16, None, "cusparselt"),
+    ((8, 0), True, torch.float32, None, "cutlass"),        # cuSPARSELt takes no float32: CUTLASS does
+    ((9, 0), True, torch.float32, None, "float16"),        # ... but not on Hopper: the error says to cast
+    ((8, 0), True, torch.float32, "cusparselt", "dtype"),
+    ((9, 0), False, torch.bfloat16, None, "sm_90"),
+])
+def test_semi_structured_backend_follows_card_and_dtype(monkeypatch, capability, built, dtype, requested, expected):
+    from structprune.masks.semi_structured import semi_structured_backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: built)
+    weight = torch.zeros(64, 64, dtype=dtype)  # only its dtype and device are read
+    if expected in ("cusparselt", "cutlass"):
+        assert semi_structured_backend(weight, requested) == expected
+    else:
+        with pytest.raises(sp.StructPruneError, match=expected):
+            semi_structured_backend(weight, requested)
+
+
 def test_bad_arguments_are_rejected_with_specific_errors():
     layer = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="granularity"):

@@ -5,6 +5,7 @@
     structprune slim torchvision:resnet50 --ratio 0.5 --criterion l2 --out small/
     structprune bench timm:convnext_tiny --ratios 0,0.25,0.5
     structprune slim my_models.py:build_net --input 1x3x64x64 --ratio 0.3
+    structprune slim torchvision:resnet50 --target latency=0.5 --device cuda --dtype bfloat16 --input 64x3x224x224
 
 Models are named ``torchvision:NAME`` and ``timm:NAME`` (random weights), ``hf:CLASS`` (a Hugging
 Face class with a small random config) or ``path/to/file.py:FACTORY`` (a function returning the
@@ -115,7 +116,34 @@ def example_input(shape: Optional[Tuple[int, ...]], kind: str, model: nn.Module)
 def _load(args) -> Tuple[nn.Module, torch.Tensor]:
     model, default, kind = build_model(args.model)
     shape = parse_shape(args.input) if args.input else default
-    return model, example_input(shape, kind, model)
+    x = example_input(shape, kind, model)
+    device, dtype = getattr(args, "device", None), getattr(args, "dtype", None)
+    if device or dtype:
+        model = model.to(device=device, dtype=getattr(torch, dtype) if dtype else None)
+        x = x.to(device=device, dtype=getattr(torch, dtype) if dtype and x.is_floating_point() else None)
+    return model, x
+
+
+def parse_target(text: Optional[str]) -> Optional[Dict[str, float]]:
+    """``latency=0.5`` -> ``{"latency": 0.5}`` (also ``params=`` and ``macs=``)."""
+    if text is None:
+        return None
+    kind, _, value = text.partition("=")
+    try:
+        return {kind.strip(): float(value)}
+    except ValueError:
+        raise SpecError(f"--target takes KIND=FRACTION, e.g. --target latency=0.5 or --target params=0.3; "
+                        f"got {text!r}") from None
+
+
+def parse_round_to(text: str) -> Any:
+    """``auto``, ``none`` or a positive integer."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        return int(text)
+    except ValueError:
+        raise SpecError(f"--round-to takes auto, none or a positive integer; got {text!r}") from None
 
 
 # ---- commands ---------------------------------------------------------------------------------------------------
@@ -136,7 +164,8 @@ def cmd_slim(args) -> int:
 
     model, x = _load(args)
     small, slim_report = sp.slim_with_report(model, x, args.ratio, criterion=args.criterion, scope=args.scope,
-                                             verify=not args.no_verify)
+                                             target=parse_target(args.target),
+                                             round_to=parse_round_to(args.round_to), verify=not args.no_verify)
     print(slim_report)
     print(sp.report(model, small, x, latency=not args.no_latency))
     if args.out:
@@ -193,6 +222,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed per layer (default 0.5)")
     p.add_argument("--criterion", default="l2", help="l2 (default), l1, magnitude, fpgm, bn_scale, random")
     p.add_argument("--scope", default="local", choices=["local", "global"])
+    p.add_argument("--target", metavar="KIND=F", help="remove a fraction of params, macs or the measured latency "
+                                                     "instead of a ratio, e.g. latency=0.5")
+    p.add_argument("--round-to", default="auto", metavar="N",
+                   help="keep widths multiples of N; auto (default): what the device runs well; none: exact")
+    p.add_argument("--device", help="run (and time) the model on this device, e.g. cuda")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="convert the model to this dtype")
     p.add_argument("--out", metavar="DIR", help="save the pruned model here (safetensors + JSON plan)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with the original")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")

@@ -5,19 +5,17 @@ copy of the model that lives on the meta device (no memory, no arithmetic), prun
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List
 
 import torch
 from torch import nn
 
-from ..errors import StructPruneError
 from ..graph.dependency_graph import DependencyGraph
-from ..options import TARGETS, PlanOptions, check_choice
+from ..options import check_choice
 from ..surgery.copying import meta_twin
 from ..surgery.shrink import shrunk_copy
 from ..tools.metrics import count_macs
-from .planner import Plan, Planner
+from .planner import Plan
 
 
 def params_removed(dg: DependencyGraph, model: nn.Module) -> Callable[[Plan], float]:
@@ -63,32 +61,6 @@ MEASURES: Dict[str, Callable[[DependencyGraph, nn.Module], Callable[[Plan], floa
 
 
 def removed_fraction(kind: str, dg: DependencyGraph, model: nn.Module) -> Callable[[Plan], float]:
-    """A function: plan -> fraction of the ``kind`` budget it removes (``kind``: a key of
-    :data:`~structprune.options.TARGETS`)."""
-    return MEASURES[check_choice("target", kind, TARGETS)](dg, model)
-
-
-def search_target(planner: Planner, options: PlanOptions, removed_fraction: Callable[[Plan], float],
-                  target: float, tolerance: float = 0.005, steps: int = 24) -> Tuple[Plan, float]:
-    """Bisect on ``options.ratio`` until ``removed_fraction(plan)`` is within ``tolerance`` of ``target``.
-
-    Returns the plan and the fraction it removes; raises when even the largest ratio falls short.
-    """
-    low, high = 0.0, 1.0
-    best: Tuple[float, Plan, float] = (math.inf, Plan(), 0.0)
-    for _ in range(steps):
-        ratio = (low + high) / 2
-        plan = planner.plan(options.with_ratio(ratio))
-        achieved = removed_fraction(plan)
-        # rounding and per-layer caps make the fraction only roughly monotone in the ratio: keep the closest seen
-        if abs(achieved - target) < best[0]:
-            best = (abs(achieved - target), plan, achieved)
-        if abs(achieved - target) <= tolerance:
-            break
-        low, high = (ratio, high) if achieved < target else (low, ratio)
-    if best[0] > 0.01:
-        most = removed_fraction(planner.plan(options.with_ratio(1.0)))
-        raise StructPruneError(f"cannot reach the target: removing {target:.1%} was asked, the closest plan "
-                               f"removes {best[2]:.1%} (at most {most:.1%} is removable with these settings)")
-    return best[1], best[2]
-
+    """A function: plan -> fraction of the ``kind`` budget it removes (``kind``: ``"params"`` or ``"macs"``,
+    counted without running the model; latency is measured, see :mod:`structprune.planning.latency`)."""
+    return MEASURES[check_choice("target", kind, tuple(MEASURES))](dg, model)

@@ -1,7 +1,7 @@
 """Planning: which units every producing layer drops.
 
 Scores are computed once per group; a plan is then a cheap function of the options, which is what
-lets :func:`search_target` bisect on the ratio to hit a parameter or MAC budget.
+lets :func:`~structprune.planning.search.search_target` bisect on the ratio to hit a parameter or MAC budget.
 
 - **local** scope: every layer (a producing space inside a group: a conv's filters, a linear's
   neurons) drops ``floor(ratio * n)`` of its ``n`` prunable units, lowest scores first;
@@ -30,6 +30,7 @@ from ..graph.dependency_graph import DependencyGraph, Group
 from ..ops.registry import input_axis
 from ..options import PlanOptions
 from ..scoring import Criterion, ScoringContext, normalize
+from .hardware import alignment, model_device_dtype
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Planner:
                                        f"which has {group.n_units} units")
             self.scores[group.id] = scores
         self.layers = self._layers(ignore)
+        self.device, self.dtype = model_device_dtype(dg.model)
         self.excluded: set = set()  # group ids kept whole whatever the options (see exclude)
 
     def exclude(self, group_ids) -> None:
@@ -147,12 +149,17 @@ class Planner:
                     # +1e-9: 0.29 * 100 is 28.999999999999996 in floating point; width - 1: every layer keeps a unit
                     n_drop = min(math.floor(ratio * len(layer.units) + 1e-9), layer.width - 1)
                 drop = self._lowest(layer, n_drop)
-                chosen.setdefault(layer.group.id, []).append(self._rounded(layer, drop, options.round_to))
+                chosen.setdefault(layer.group.id, []).append(self._rounded(layer, drop, options))
             else:
                 pooled.append((layer, normalize(self.scores[layer.group.id], options.normalize)))
         if pooled:
             for (layer, _), drop in zip(pooled, self._global(pooled, options)):
-                chosen.setdefault(layer.group.id, []).append(self._rounded(layer, drop, options.round_to))
+                chosen.setdefault(layer.group.id, []).append(self._rounded(layer, drop, options))
+        return self.assemble(chosen)
+
+    def assemble(self, chosen: Dict[int, List[np.ndarray]]) -> Plan:
+        """The plan dropping, per group id, the union of the given unit arrays; every group keeps at
+        least one unit and every member tensor at least one channel."""
         plan = Plan()
         for gid, parts in chosen.items():
             group, scores = self.dg.groups[gid], self.scores[gid]
@@ -199,11 +206,29 @@ class Planner:
         picks = np.asarray(picked, dtype=np.int64)
         return [units[picks[owners[picks] == k]] for k in range(len(pooled))]
 
-    def _rounded(self, layer: _Layer, drop: np.ndarray, round_to: Optional[int]) -> np.ndarray:
+    def step_of(self, layer: _Layer, options: PlanOptions) -> int:
+        """How many *units* the layer's width moves by: ``round_to`` channels (``"auto"``: the width the
+        hardware runs well for the layer's original width, see :func:`~structprune.planning.hardware.alignment`),
+        fewer units where one unit spans several channels (an attention head of 64 channels needs no rounding
+        to 8)."""
+        round_to = options.round_to
+        if not isinstance(round_to, str):
+            step = (round_to or 1) // math.gcd(round_to or 1, layer.channels_per_unit)
+            return step if layer.width > step else 1
+        original = (options.reference_widths or {}).get(layer.name) or layer.width
+        channels = alignment(original * layer.channels_per_unit, self.device, self.dtype)
+        # units spanning several channels (a grouped conv's channel in every group) need fewer units per step,
+        # but never a step over an eighth of the layer: halve the alignment until it fits
+        while channels > 1 and channels // math.gcd(channels, layer.channels_per_unit) > max(original // 8, 1):
+            channels //= 2
+        step = channels // math.gcd(channels, layer.channels_per_unit)
+        return step if layer.width > step else 1
+
+    def _rounded(self, layer: _Layer, drop: np.ndarray, options: PlanOptions) -> np.ndarray:
         """Adjust ``drop`` so the layer keeps a multiple of ``round_to`` *channels* (nearest, at least one
-        multiple): units that span several channels (attention heads) need fewer units per step."""
-        step = round_to // math.gcd(round_to, layer.channels_per_unit) if round_to else 0  # heads of 64 need none
-        if not step or step == 1 or layer.width <= step:
+        multiple)."""
+        step = self.step_of(layer, options)
+        if step == 1:
             return drop
         keep = layer.width - len(drop)
         # nearest multiple of step, never zero: rounding may keep a little more or drop a little more

@@ -1,0 +1,129 @@
+"""Reaching a budget: the plan that removes a given fraction of the parameters or MACs.
+
+Two stages. A bisection on the ratio finds the uniform plan closest to the target; rounding and
+heads make the fraction a staircase in the ratio (one more head in every block of a ViT is 2.8% of
+its parameters at once), so the closest uniform plan can miss by points. The second stage then
+leaves one ratio behind: from the uniform plan just short of the target it removes further
+*increments* (one hardware-aligned step of one layer's lowest-scoring units) in the order the
+scope implies, bisecting on how many, until the target is met.
+
+- local scope takes the increments round-robin by the share each layer has lost, so widths stay
+  as even as the target allows;
+- global scope takes them by normalised score, least important first, within ``max_group_ratio``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import StructPruneError
+from ..options import PlanOptions
+from ..scoring import normalize
+from .planner import Plan, Planner
+
+TOLERANCE = 0.005  # what the search aims for
+ACCEPTED = 0.01  # what it promises: one percentage point
+MAX_SKIPS = 16  # layers whose next step overshoots, set aside one by one while refining
+
+
+@dataclass(frozen=True)
+class Increment:
+    """One step of one layer: ``units`` of group ``group_id`` removed together; ``order`` sorts the steps."""
+
+    layer: int  # index into the planner's layers
+    group_id: int
+    units: np.ndarray
+    order: Tuple[float, int]
+
+
+def increments(planner: Planner, options: PlanOptions, start: Plan) -> List[Increment]:
+    """Every step the layers in play can still take beyond ``start``, in the order ``options.scope`` takes
+    them. Layers with a fixed ratio (``ratios=``) keep theirs; every layer keeps at least one step."""
+    steps: List[Increment] = []
+    fixed = list((options.ratios or {}).keys())
+    in_play = {id(layer) for layer in planner.layers_in_play(options)}
+    for index, layer in enumerate(planner.layers):
+        if id(layer) not in in_play or any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in fixed):
+            continue
+        gid = layer.group.id
+        already = np.isin(layer.units, start.drops.get(gid, np.empty(0, np.int64)))
+        scores = planner.scores[gid]
+        remaining = layer.units[~already]
+        remaining = remaining[np.argsort(scores[remaining], kind="stable")]
+        step = planner.step_of(layer, options)
+        dropped = int(already.sum())
+        cap = layer.width - max(step, 1)
+        if options.scope == "global":
+            cap = min(cap, math.floor(options.max_group_ratio * len(layer.units) + 1e-9))
+        normalized = normalize(scores, options.normalize)
+        for k in range(0, len(remaining), step):
+            units = remaining[k:k + step]
+            if len(units) < step or dropped + len(units) > cap:
+                break
+            dropped += len(units)
+            key = dropped / layer.width if options.scope == "local" else float(normalized[units].mean())
+            steps.append(Increment(index, gid, units, (key, k)))
+    return sorted(steps, key=lambda inc: inc.order)
+
+
+def extend(planner: Planner, start: Plan, steps: Sequence[Increment]) -> Plan:
+    """``start`` with the given steps removed as well."""
+    chosen: Dict[int, List[np.ndarray]] = {gid: [units] for gid, units in start.drops.items()}
+    for inc in steps:
+        chosen.setdefault(inc.group_id, []).append(inc.units)
+    return planner.assemble(chosen)
+
+
+def search_target(planner: Planner, options: PlanOptions, removed_fraction: Callable[[Plan], float],
+                  target: float, steps: int = 24) -> Tuple[Plan, float]:
+    """The plan whose ``removed_fraction`` is closest to ``target`` (within :data:`ACCEPTED`), and that
+    fraction; raises :class:`StructPruneError` when no plan gets that close."""
+    low, high = 0.0, 1.0
+    best: Tuple[float, Plan, float] = (math.inf, Plan(), 0.0)
+    short: Tuple[float, Plan] = (0.0, Plan())  # the plan removing most while still short of the target
+    for _ in range(steps):
+        ratio = (low + high) / 2
+        plan = planner.plan(options.with_ratio(ratio))
+        achieved = removed_fraction(plan)
+        # rounding and per-layer caps make the fraction only roughly monotone in the ratio: keep the closest seen
+        if abs(achieved - target) < best[0]:
+            best = (abs(achieved - target), plan, achieved)
+        if achieved < target and achieved >= short[0]:
+            short = (achieved, plan)
+        if abs(achieved - target) <= TOLERANCE:
+            return plan, achieved
+        low, high = (ratio, high) if achieved < target else (low, ratio)
+    best = _refine(planner, options, removed_fraction, target, short[1], best)
+    if best[0] > ACCEPTED:
+        most = removed_fraction(planner.plan(options.with_ratio(1.0)))
+        raise StructPruneError(f"cannot reach the target: removing {target:.1%} was asked, the closest plan "
+                               f"removes {best[2]:.1%} (at most {most:.1%} is removable with these settings)")
+    return best[1], best[2]
+
+
+def _refine(planner: Planner, options: PlanOptions, removed_fraction: Callable[[Plan], float], target: float,
+            start: Plan, best: Tuple[float, Plan, float]) -> Tuple[float, Plan, float]:
+    """Take further increments beyond ``start`` while the target is not passed: bisect on how many, and
+    when the next one would overshoot (one head of the residual stream can be points at once), keep
+    what came before, leave that layer as it is and go on with the other layers' steps."""
+    order = increments(planner, options, start)
+    for _ in range(MAX_SKIPS):
+        low, high = 0, len(order)  # the first ``low`` steps stay short of the target
+        while low < high:
+            middle = (low + high + 1) // 2
+            plan = extend(planner, start, order[:middle])
+            achieved = removed_fraction(plan)
+            if abs(achieved - target) < best[0]:
+                best = (abs(achieved - target), plan, achieved)
+            if abs(achieved - target) <= TOLERANCE:
+                return best
+            low, high = (middle, high) if achieved < target else (low, middle - 1)
+        if low >= len(order):
+            break
+        start, overshooting = extend(planner, start, order[:low]), order[low].layer
+        order = [inc for inc in order[low + 1:] if inc.layer != overshooting]
+    return best
