@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Dict, List
@@ -37,7 +36,7 @@ sys.path.insert(0, REPO)
 
 import structprune as sp  # noqa: E402
 from structprune.tools.metrics import count_macs, count_parameters  # noqa: E402
-from structprune.tools.timing import time_forward  # noqa: E402
+from structprune.tools.timing import paired_ratio, time_forward  # noqa: E402
 
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 TARGETS = [0.3, 0.5, 0.7]
@@ -57,12 +56,8 @@ def build(name: str):
 
 
 def latency_ratio(pruned: nn.Module, dense: nn.Module, x, pairs: int) -> float:
-    """Median over ``pairs`` interleaved timings of pruned / dense."""
-    ratios = []
-    for _ in range(pairs):
-        ratios.append(time_forward(pruned, (x,), repeats=3, min_time=0.1) /
-                      time_forward(dense, (x,), repeats=3, min_time=0.1))
-    return statistics.median(ratios)
+    """Median over ``pairs`` back-to-back timings of pruned / dense."""
+    return paired_ratio(pruned, dense, (x,), pairs=pairs, min_time=0.1)
 
 
 def uniform_at_latency(model: nn.Module, x, goal: float, pairs: int) -> Dict[str, float]:

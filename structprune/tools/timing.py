@@ -11,12 +11,48 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 WARMUP = 3  # runs before timing: caches, oneDNN primitives and cudnn.benchmark's algorithm search settle
+
+
+@dataclass
+class _Runner:
+    """One forward, ready to be timed: a CUDA graph replay (or the eager call) and how to wait for it."""
+
+    run: Callable[[], Any]
+    synchronize: Callable[[], None]
+    per_block: int = 1
+
+    def block(self) -> float:
+        """Seconds per forward over one block of ``per_block`` forwards."""
+        self.synchronize()
+        start = time.perf_counter()
+        for _ in range(self.per_block):
+            self.run()
+        self.synchronize()
+        return (time.perf_counter() - start) / self.per_block
+
+
+def _runner(module: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]], cuda_graph: Optional[bool],
+            warmup: int, min_time: float) -> _Runner:
+    """Capture (on CUDA), warm up and size the blocks of one forward; call under ``torch.no_grad()``."""
+    kwargs = dict(kwargs or {})
+    tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+    on_cuda = any(t.is_cuda for t in tensors) or any(p.is_cuda for p in module.parameters())
+    run: Callable[[], Any] = lambda: module(*args, **kwargs)  # noqa: E731
+    if on_cuda and cuda_graph is not False:
+        replay = _captured(run)
+        if replay is not None:
+            run = replay
+    for _ in range(warmup):
+        run()
+    synchronize = torch.cuda.synchronize if on_cuda else (lambda: None)
+    return _Runner(run, synchronize, _runs_per_block(run, synchronize, min_time))
 
 
 def time_forward(module: nn.Module, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None, *,
@@ -27,28 +63,27 @@ def time_forward(module: nn.Module, args: Sequence[Any] = (), kwargs: Optional[D
     ``cuda_graph`` (default: when the inputs are on a CUDA device) times replays of a captured CUDA
     graph. ``repeats`` blocks are timed, each running the forward enough times to last ``min_time``
     seconds; the median block time per forward is returned. ``warmup`` untimed runs come first."""
-    kwargs = dict(kwargs or {})
-    tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
-    on_cuda = any(t.is_cuda for t in tensors) or any(p.is_cuda for p in module.parameters())
     with torch.no_grad():
-        run: Callable[[], Any] = lambda: module(*args, **kwargs)  # noqa: E731
-        if on_cuda and cuda_graph is not False:
-            replay = _captured(run)
-            if replay is not None:
-                run = replay
-        for _ in range(warmup):
-            run()
-        synchronize = torch.cuda.synchronize if on_cuda else (lambda: None)
-        per_block = _runs_per_block(run, synchronize, min_time)
-        samples = []
-        for _ in range(max(repeats, 1)):
-            synchronize()
-            start = time.perf_counter()
-            for _ in range(per_block):
-                run()
-            synchronize()
-            samples.append((time.perf_counter() - start) / per_block)
-    return statistics.median(samples)
+        runner = _runner(module, args, kwargs, cuda_graph, warmup, min_time)
+        return statistics.median(runner.block() for _ in range(max(repeats, 1)))
+
+
+def paired_ratio(candidate: nn.Module, reference: nn.Module, args: Sequence[Any] = (),
+                 kwargs: Optional[Dict[str, Any]] = None, *, pairs: int = 5, min_time: float = 0.05,
+                 cuda_graph: Optional[bool] = None) -> float:
+    """Median over ``pairs`` of (candidate seconds / reference seconds), the two timed back to back.
+
+    A shared machine drifts by tens of percent within a minute; timings taken moments apart drift
+    together, so their ratio is what can be compared (and what a benchmark should report). Each model
+    is captured and warmed up once, then their blocks alternate."""
+    with torch.no_grad():
+        reference_runner = _runner(reference, args, kwargs, cuda_graph, WARMUP, min_time)
+        candidate_runner = _runner(candidate, args, kwargs, cuda_graph, WARMUP, min_time)
+        ratios = []
+        for _ in range(max(pairs, 1)):
+            reference_time = reference_runner.block()
+            ratios.append(candidate_runner.block() / reference_time)
+    return statistics.median(ratios)
 
 
 def _runs_per_block(run: Callable[[], Any], synchronize: Callable[[], None], min_time: float) -> int:
@@ -77,21 +112,6 @@ def _captured(run: Callable[[], Any]) -> Optional[Callable[[], Any]]:
         torch.cuda.synchronize()
         return None
     return graph.replay
-
-
-def paired_ratio(candidate: nn.Module, reference: nn.Module, args: Sequence[Any] = (),
-                 kwargs: Optional[Dict[str, Any]] = None, *, pairs: int = 5, min_time: float = 0.05) -> float:
-    """Median over ``pairs`` of (candidate seconds / reference seconds), the two timed back to back.
-
-    A shared machine drifts by tens of percent within a minute; timings taken moments apart drift
-    together, so their ratio is what can be compared (and what a benchmark should report)."""
-    ratios = []
-    for k in range(max(pairs, 1)):
-        warmup = WARMUP if k == 0 else 1
-        reference_time = time_forward(reference, args, kwargs, repeats=1, min_time=min_time, warmup=warmup)
-        candidate_time = time_forward(candidate, args, kwargs, repeats=1, min_time=min_time, warmup=warmup)
-        ratios.append(candidate_time / reference_time)
-    return statistics.median(ratios)
 
 
 __all__ = ["paired_ratio", "time_forward"]
