@@ -57,7 +57,7 @@ def build(name: str):
 
 def latency_ratio(pruned: nn.Module, dense: nn.Module, x, pairs: int) -> float:
     """Median over ``pairs`` back-to-back timings of pruned / dense."""
-    return paired_ratio(pruned, dense, (x,), pairs=pairs, min_time=0.1)
+    return paired_ratio(pruned, dense, (x,), pairs=pairs, min_time=0.1, precision=0.01)
 
 
 def uniform_at_latency(model: nn.Module, x, goal: float, pairs: int) -> Dict[str, float]:
@@ -81,7 +81,7 @@ def run_model(name: str, args) -> Dict:
     row: Dict = {"model": name, "params": params, "macs": macs,
                  "dense_ms": 1000 * time_forward(model, (x,), repeats=5, min_time=0.2), "ratios": [], "targets": []}
     print(f"\n{name}: {params / 1e6:.1f} M params, dense {row['dense_ms']:.1f} ms", flush=True)
-    for ratio in (args.ratios or RATIOS):
+    for ratio in ([] if args.no_sweep else (args.ratios or RATIOS)):
         entry: Dict = {"ratio": ratio}
         for label, round_to in (("auto", "auto"), ("exact", None)):
             small = sp.slim(model, x, ratio, round_to=round_to, verify=False)
@@ -128,6 +128,7 @@ def main() -> int:
     parser.add_argument("--ratios", type=lambda s: [float(v) for v in s.split(",")], default=None)
     parser.add_argument("--targets", type=lambda s: [float(v) for v in s.split(",")], default=None)
     parser.add_argument("--quick", action="store_true", help="skip the uniform-ratio bisection")
+    parser.add_argument("--no-sweep", action="store_true", help="only the latency targets")
     parser.add_argument("--json", default=os.path.join(REPO, "benchmarks", "results", "cpu_latency.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

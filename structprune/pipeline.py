@@ -98,7 +98,10 @@ class PruningSession:
             return planner.plan(options)
         kind, fraction = budget
         if kind == "latency":
-            return search_latency(planner, options, fraction)[0]
+            plan, removed = search_latency(planner, options, fraction)
+            self.graph.notes.append(f"latency target {fraction:.0%}: the plan measured {1 - removed:.3f}x the dense "
+                                    f"latency (goal {1 - fraction:.3f}x)")
+            return plan
         return search_target(planner, options, removed_fraction(kind, self.graph, self.model), fraction)[0]
 
     # ----- shrink and verify -----------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def test_latency_target_lands(macs_clock, fraction):
     model = Ladder().eval()
     small, report = sp.slim_with_report(model, X, target={"latency": fraction})
     assert report.verification.passed
+    assert f"latency target {fraction:.0%}: the plan measured" in str(report)
     achieved = 1 - count_macs(small, X) / count_macs(model, X)
     assert abs((1 - achieved) / (1 - fraction) - 1) <= 0.05, achieved
 
@@ -99,3 +100,27 @@ def test_an_unreachable_latency_target_says_why(monkeypatch, tmp_path):
     monkeypatch.setattr(latency, "paired_ratio", lambda *a, **k: 1.0)  # pruning never makes it faster
     with pytest.raises(sp.StructPruneError, match="cannot reach the latency target"):
         sp.slim(Ladder().eval(), X, target={"latency": 0.5})
+
+
+def test_paired_ratio_adds_pairs_until_precise(monkeypatch):
+    import itertools
+
+    from structprune.tools import timing
+
+    candidate, reference = nn.Identity(), nn.ReLU()
+
+    def runner(module, *args, **kwargs):  # the candidate's times are noisy, the reference always takes 1.0
+        noisy = itertools.cycle([1.0, 1.3, 0.8, 1.1])
+        return timing._Runner((lambda: next(noisy)) if module is candidate else (lambda: 1.0), lambda: None)
+
+    monkeypatch.setattr(timing, "_runner", runner)
+    monkeypatch.setattr(timing._Runner, "block", lambda self: self.run())
+    counts = []
+    spread = timing._spread
+    monkeypatch.setattr(timing, "_spread", lambda values: counts.append(len(values)) or spread(values))
+    ratio = timing.paired_ratio(candidate, reference, pairs=3, precision=0.05, max_pairs=40)
+    assert 1.0 <= ratio <= 1.1 and 3 < max(counts) < 40  # more pairs than the minimum, fewer than the cap
+    assert timing.paired_ratio(candidate, reference, pairs=3) == 1.0  # no precision asked: the median of 3
+    counts.clear()
+    timing.paired_ratio(candidate, reference, pairs=2, precision=1e-9, max_pairs=6)
+    assert max(counts) == 5  # an unreachable precision: checked up to 5 pairs, stopped at the cap of 6

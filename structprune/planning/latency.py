@@ -46,7 +46,8 @@ from .search import Increment, extend
 
 PROBE_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 LANDING = 0.02  # the search stops within 2% of the target latency, leaving room for the 5% it promises
-PAIRS = 5  # back-to-back dense/pruned timings per candidate
+PAIRS = 5  # back-to-back dense/pruned timings per candidate, at least
+PRECISION = 0.01  # ... and more, until the measured ratio is known to 1% (see tools.timing.paired_ratio)
 MAX_MEASUREMENTS = 8  # candidates timed while landing
 CACHE_ENV = "STRUCTPRUNE_CACHE"  # folder of the on-disk latency cache (default ~/.cache/structprune)
 
@@ -366,7 +367,8 @@ def search_latency(planner: Planner, options: PlanOptions, target: float, *,
 
     def measure(k: int) -> float:
         pruned = shrunk_copy(dg.model, dg, extend(planner, Plan(), moves[:k]).element_mask(dg))
-        return paired_ratio(pruned, dg.model, inputs.args, inputs.kwargs, pairs=pairs, min_time=0.1)
+        return paired_ratio(pruned, dg.model, inputs.args, inputs.kwargs, pairs=pairs, min_time=0.1,
+                            precision=PRECISION)
 
     seen: Dict[int, float] = {0: 1.0}
     saved = np.concatenate([[0.0], np.cumsum(deltas)])

@@ -9,10 +9,11 @@ timings taken side by side comparable on a noisy machine.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -70,20 +71,33 @@ def time_forward(module: nn.Module, args: Sequence[Any] = (), kwargs: Optional[D
 
 def paired_ratio(candidate: nn.Module, reference: nn.Module, args: Sequence[Any] = (),
                  kwargs: Optional[Dict[str, Any]] = None, *, pairs: int = 5, min_time: float = 0.05,
-                 cuda_graph: Optional[bool] = None) -> float:
+                 cuda_graph: Optional[bool] = None, precision: Optional[float] = None,
+                 max_pairs: int = 25) -> float:
     """Median over ``pairs`` of (candidate seconds / reference seconds), the two timed back to back.
 
     A shared machine drifts by tens of percent within a minute; timings taken moments apart drift
     together, so their ratio is what can be compared (and what a benchmark should report). Each model
-    is captured and warmed up once, then their blocks alternate."""
+    is captured and warmed up once, then their blocks alternate. With ``precision`` (relative, e.g.
+    0.01), pairs are added, up to ``max_pairs``, until the median's uncertainty (the ratios'
+    interquartile range over the square root of their number) is within it."""
     with torch.no_grad():
         reference_runner = _runner(reference, args, kwargs, cuda_graph, WARMUP, min_time)
         candidate_runner = _runner(candidate, args, kwargs, cuda_graph, WARMUP, min_time)
-        ratios = []
-        for _ in range(max(pairs, 1)):
+        ratios: List[float] = []
+        while True:
             reference_time = reference_runner.block()
             ratios.append(candidate_runner.block() / reference_time)
-    return statistics.median(ratios)
+            if len(ratios) >= max(pairs, 1) and (precision is None or len(ratios) >= max_pairs or
+                                                 _spread(ratios) <= precision * statistics.median(ratios)):
+                return statistics.median(ratios)
+
+
+def _spread(values: List[float]) -> float:
+    """The uncertainty of the median of ``values``: their interquartile range over sqrt(n) (unknown below 3)."""
+    if len(values) < 3:
+        return math.inf
+    quartiles = statistics.quantiles(values, n=4)
+    return (quartiles[2] - quartiles[0]) / math.sqrt(len(values))
 
 
 def _runs_per_block(run: Callable[[], Any], synchronize: Callable[[], None], min_time: float) -> int:
