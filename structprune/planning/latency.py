@@ -12,9 +12,9 @@ device and dtype, at the example input's batch. Three steps, after HALP (Shen et
    step (one hardware-aligned block of one layer's least important units) that costs the least
    importance per second of predicted latency it saves. Channels go first where latency is bought
    cheaply: an early convolution at high resolution saves more time per parameter than a late one.
-3. **Landing** (:func:`search_latency`): a bisection on how many of those steps to take, each
-   candidate pruned for real and timed against the dense model, until the measured latency is
-   within :data:`LANDING` of the target.
+3. **Landing** (:func:`search_latency`): how many of those steps to take, found by timing real
+   pruned candidates against the dense model (regula falsi on the predicted saving), until the
+   measured latency is within :data:`LANDING` of the target.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from ..tools.progress import progress_bar
 from ..tools.timing import paired_ratio, time_forward
 from .hardware import model_device_dtype
 from .planner import Plan, Planner
-from .search import Increment, extend
+from .search import Increment, extend, layer_queues
 
 PROBE_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 LANDING = 0.02  # the search stops within 2% of the target latency, leaving room for the 5% it promises
@@ -274,27 +274,19 @@ def allocation(planner: Planner, options: PlanOptions, table: LatencyTable) -> T
         for gid in {s.group for _, spaces in leaf.weights for s in spaces}:
             leaves_of.setdefault(gid, []).append(leaf)
 
-    queues: List[Tuple[int, Any, np.ndarray, int, int]] = []  # (layer index, layer, units in order, step, cap)
-    in_play = {id(layer) for layer in planner.layers_in_play(options)}
-    for index, layer in enumerate(planner.layers):
-        if id(layer) not in in_play:
-            continue
-        scores = planner.scores[layer.group.id]
-        order = layer.units[np.argsort(scores[layer.units], kind="stable")]
-        step = planner.step_of(layer, options)
-        cap = min(layer.width - max(step, 1), math.floor(options.max_group_ratio * len(layer.units) + 1e-9))
-        queues.append((index, layer, order, step, cap))
+    # the allocation ranks layers globally, so max_group_ratio always applies
+    queues = layer_queues(planner, options, Plan(), capped=True, skip_fixed=False)
     normalized = {gid: normalize(s, options.normalize) for gid, s in planner.scores.items()}
     taken = [0] * len(queues)
     moves: List[Increment] = []
     predicted = [table.predict(space_kept)]
     while True:
         best: Tuple[float, int, float] = (math.inf, -1, 0.0)
-        for q, (_, layer, order, step, cap) in enumerate(queues):
-            if taken[q] + step > cap:
+        for q, queue in enumerate(queues):
+            if taken[q] + queue.step > queue.room:
                 continue
-            gid = layer.group.id
-            units = order[taken[q]:taken[q] + step]
+            gid = queue.layer.group.id
+            units = queue.remaining[taken[q]:taken[q] + queue.step]
             leaves = leaves_of.get(gid, [])
             before = sum(leaf.time(leaf.kept_fraction(space_kept)) for leaf in leaves)
             dropped_units[gid][units] = True
@@ -308,12 +300,12 @@ def allocation(planner: Planner, options: PlanOptions, table: LatencyTable) -> T
                 best = (price, q, saved)
         if best[1] < 0:
             return moves, np.asarray(predicted)
-        index, layer, order, step, _ = queues[best[1]]
-        units = order[taken[best[1]]:taken[best[1]] + step]
-        dropped_units[layer.group.id][units] = True
-        moves.append(Increment(index, layer.group.id, units, (best[0], taken[best[1]])))
+        queue = queues[best[1]]
+        units = queue.remaining[taken[best[1]]:taken[best[1]] + queue.step]
+        dropped_units[queue.layer.group.id][units] = True
+        moves.append(Increment(queue.index, queue.layer.group.id, units, (best[0], taken[best[1]])))
         predicted.append(predicted[-1] - best[2])
-        taken[best[1]] += step
+        taken[best[1]] += queue.step
 
 
 # ---- landing -------------------------------------------------------------------------------------------------
@@ -355,8 +347,8 @@ def search_latency(planner: Planner, options: PlanOptions, target: float, *,
 
     The table's prediction orders the steps and says roughly how many to take; measurements correct it.
     Each candidate is timed back to back with the dense model (:func:`~structprune.tools.timing.paired_ratio`:
-    a shared machine drifts too much for anything else), and the whole model's latency is taken to fall in
-    proportion to the predicted one, the proportion refitted on every measurement (secant steps), so a few
+    a shared machine drifts too much for anything else); the next candidate is interpolated in predicted
+    saving between the closest measurements on either side of the goal (:func:`_next_candidate`), so a few
     measurements land it where a bisection would need a dozen."""
     dg = planner.dg
     table = table if table is not None else LatencyTable(dg, planner, options)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -40,33 +40,55 @@ class Increment:
     order: Tuple[float, int]
 
 
+@dataclass(frozen=True)
+class LayerQueue:
+    """One layer's units still removable beyond a starting plan, lowest score first, taken ``step`` at a
+    time; at most ``room`` more may go (the layer keeps one aligned step, and ``max_group_ratio`` where
+    it applies)."""
+
+    index: int  # into the planner's layers
+    layer: Any
+    remaining: np.ndarray
+    step: int
+    room: int
+
+
+def layer_queues(planner: Planner, options: PlanOptions, start: Plan, *, capped: bool,
+                 skip_fixed: bool) -> List[LayerQueue]:
+    """A :class:`LayerQueue` for every layer in play; ``capped`` applies ``max_group_ratio``, ``skip_fixed``
+    leaves out the layers whose ratio ``ratios=`` fixes."""
+    fixed = list((options.ratios or {}).keys()) if skip_fixed else []
+    in_play = {id(layer) for layer in planner.layers_in_play(options)}
+    queues = []
+    for index, layer in enumerate(planner.layers):
+        if id(layer) not in in_play or any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in fixed):
+            continue
+        already = np.isin(layer.units, start.drops.get(layer.group.id, np.empty(0, np.int64)))
+        remaining = layer.units[~already]
+        remaining = remaining[np.argsort(planner.scores[layer.group.id][remaining], kind="stable")]
+        step = planner.step_of(layer, options)
+        cap = layer.width - max(step, 1)
+        if capped:
+            cap = min(cap, math.floor(options.max_group_ratio * len(layer.units) + 1e-9))
+        queues.append(LayerQueue(index, layer, remaining, step, cap - int(already.sum())))
+    return queues
+
+
 def increments(planner: Planner, options: PlanOptions, start: Plan) -> List[Increment]:
     """Every step the layers in play can still take beyond ``start``, in the order ``options.scope`` takes
     them. Layers with a fixed ratio (``ratios=``) keep theirs; every layer keeps at least one step."""
     steps: List[Increment] = []
-    fixed = list((options.ratios or {}).keys())
-    in_play = {id(layer) for layer in planner.layers_in_play(options)}
-    for index, layer in enumerate(planner.layers):
-        if id(layer) not in in_play or any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in fixed):
-            continue
-        gid = layer.group.id
-        already = np.isin(layer.units, start.drops.get(gid, np.empty(0, np.int64)))
-        scores = planner.scores[gid]
-        remaining = layer.units[~already]
-        remaining = remaining[np.argsort(scores[remaining], kind="stable")]
-        step = planner.step_of(layer, options)
-        dropped = int(already.sum())
-        cap = layer.width - max(step, 1)
-        if options.scope == "global":
-            cap = min(cap, math.floor(options.max_group_ratio * len(layer.units) + 1e-9))
-        normalized = normalize(scores, options.normalize)
-        for k in range(0, len(remaining), step):
-            units = remaining[k:k + step]
-            if len(units) < step or dropped + len(units) > cap:
+    for queue in layer_queues(planner, options, start, capped=options.scope == "global", skip_fixed=True):
+        layer, step = queue.layer, queue.step
+        normalized = normalize(planner.scores[layer.group.id], options.normalize)
+        dropped = len(layer.units) - len(queue.remaining)  # in the starting plan already
+        for k in range(0, len(queue.remaining), step):
+            units = queue.remaining[k:k + step]
+            if len(units) < step or k + len(units) > queue.room:
                 break
-            dropped += len(units)
-            key = dropped / layer.width if options.scope == "local" else float(normalized[units].mean())
-            steps.append(Increment(index, gid, units, (key, k)))
+            key = (dropped + k + len(units)) / layer.width if options.scope == "local" \
+                else float(normalized[units].mean())
+            steps.append(Increment(queue.index, layer.group.id, units, (key, k)))
     return sorted(steps, key=lambda inc: inc.order)
 
 
