@@ -9,11 +9,13 @@ config (one sequence of 128 tokens), with ``--threads`` threads:
    the realised fraction of the MAC reduction can be read off.
 2. **Latency targets** ``{"latency": f}`` for f = 0.3, 0.5, 0.7: the measured latency over dense
    against the promised ``1 - f`` (within 5%), and the parameters kept.
-3. **The HALP effect** at f = 0.5: the uniform ratio (local scope) whose measured latency matches
-   the latency-aware plan's, found by bisection, and the parameters each keeps.
+3. **The HALP effect** at f = 0.5: the parameters uniform pruning (local scope) keeps at the latency
+   the latency-aware plan measured (bisection on the ratio, interpolated between the two ratios
+   that bracket it), against the parameters the plan keeps.
 
-Latencies are medians of interleaved dense/pruned timings (``structprune.tools.timing``), so a ratio
-compares two models measured side by side. Results: ``benchmarks/results/cpu_latency.json``.
+Latency ratios come from alternating dense/pruned timings (``structprune.tools.timing.paired_ratio``:
+the ratio of each model's fastest block, settled to 1%), so a ratio compares two models measured side
+by side. Results: ``benchmarks/results/cpu_latency.json``.
 
     python benchmarks/cpu_latency.py [--models resnet50,vit_b_16,llama] [--threads 2] [--quick]
 """
@@ -56,23 +58,29 @@ def build(name: str):
 
 
 def latency_ratio(pruned: nn.Module, dense: nn.Module, x, pairs: int) -> float:
-    """Median over ``pairs`` back-to-back timings of pruned / dense."""
-    return paired_ratio(pruned, dense, (x,), pairs=pairs, min_time=0.1, precision=0.01)
+    """Pruned / dense from alternating timings (the ratio of their fastest blocks, settled to 1%)."""
+    return paired_ratio(pruned, dense, (x,), pairs=pairs, precision=0.01)
 
 
 def uniform_at_latency(model: nn.Module, x, goal: float, pairs: int) -> Dict[str, float]:
-    """The local-scope ratio whose pruned model runs in ``goal`` of the dense latency (bisection)."""
-    low, high, best = 0.0, 0.95, None
+    """The local-scope ratio whose pruned model runs in ``goal`` of the dense latency (bisection), and
+    the parameters it keeps: interpolated between the two measured ratios that bracket the goal, since
+    heads make uniform pruning a staircase that no ratio may hit exactly."""
+    low, high = 0.0, 0.95
+    seen = [(0.0, 1.0, 1.0)]  # (ratio, latency ratio, params kept)
     for _ in range(7):
         ratio = (low + high) / 2
         small = sp.slim(model, x, ratio, verify=False)
         measured = latency_ratio(small, model, x, pairs)
-        if best is None or abs(measured - goal) < abs(best["latency_ratio"] - goal):
-            best = {"ratio": ratio, "latency_ratio": measured,
-                    "params_kept": count_parameters(small) / count_parameters(model)}
+        seen.append((ratio, measured, count_parameters(small) / count_parameters(model)))
         low, high = (ratio, high) if measured > goal else (low, ratio)
-    assert best is not None
-    return best
+    slower = max((s for s in seen if s[1] > goal), key=lambda s: s[0])
+    faster = min((s for s in seen if s[1] <= goal), key=lambda s: s[0], default=None)
+    if faster is None:
+        return {"ratio": slower[0], "latency_ratio": slower[1], "params_kept": slower[2], "measured": seen}
+    weight = (slower[1] - goal) / max(slower[1] - faster[1], 1e-12)
+    return {"ratio": slower[0] + weight * (faster[0] - slower[0]), "latency_ratio": goal,
+            "params_kept": slower[2] + weight * (faster[2] - slower[2]), "measured": seen}
 
 
 def run_model(name: str, args) -> Dict:
@@ -124,7 +132,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,vit_b_16,llama")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--pairs", type=int, default=5, help="interleaved dense/pruned timings per ratio")
+    parser.add_argument("--pairs", type=int, default=8, help="alternating dense/pruned timings per ratio, at least")
     parser.add_argument("--ratios", type=lambda s: [float(v) for v in s.split(",")], default=None)
     parser.add_argument("--targets", type=lambda s: [float(v) for v in s.split(",")], default=None)
     parser.add_argument("--quick", action="store_true", help="skip the uniform-ratio bisection")

@@ -102,25 +102,33 @@ def test_an_unreachable_latency_target_says_why(monkeypatch, tmp_path):
         sp.slim(Ladder().eval(), X, target={"latency": 0.5})
 
 
-def test_paired_ratio_adds_pairs_until_precise(monkeypatch):
-    import itertools
-
+def test_paired_ratio_is_the_ratio_of_fastest_blocks_and_adds_pairs_until_settled(monkeypatch):
     from structprune.tools import timing
 
     candidate, reference = nn.Identity(), nn.ReLU()
 
-    def runner(module, *args, **kwargs):  # the candidate's times are noisy, the reference always takes 1.0
-        noisy = itertools.cycle([1.0, 1.3, 0.8, 1.1])
-        return timing._Runner((lambda: next(noisy)) if module is candidate else (lambda: 1.0), lambda: None)
+    def runner(times):
+        values = iter(times)
+        return timing._Runner(lambda: next(values), lambda: None)
 
-    monkeypatch.setattr(timing, "_runner", runner)
+    def pairing(candidate_times, reference_times):
+        runners = {id(candidate): runner(candidate_times), id(reference): runner(reference_times)}
+        monkeypatch.setattr(timing, "_runner", lambda module, *a, **k: runners[id(module)])
+
     monkeypatch.setattr(timing._Runner, "block", lambda self: self.run())
-    counts = []
-    spread = timing._spread
-    monkeypatch.setattr(timing, "_spread", lambda values: counts.append(len(values)) or spread(values))
-    ratio = timing.paired_ratio(candidate, reference, pairs=3, precision=0.05, max_pairs=40)
-    assert 1.0 <= ratio <= 1.1 and 3 < max(counts) < 40  # more pairs than the minimum, fewer than the cap
-    assert timing.paired_ratio(candidate, reference, pairs=3) == 1.0  # no precision asked: the median of 3
-    counts.clear()
+    # interference slows some blocks of each model down; the fastest of each is what they cost
+    pairing([1.3, 0.6, 0.9, 0.5, 0.8, 0.7, 0.9, 0.6, 0.5, 0.7], [2.0, 1.5, 1.0, 1.2, 1.9, 1.1, 1.0, 1.4, 1.3, 1.0])
+    assert timing.paired_ratio(candidate, reference, pairs=6) == pytest.approx(0.5)
+    # with a precision, pairs are added while new fastest blocks still move the ratio
+    pairing([1.0] * 4 + [0.8] + [1.0] * 30, [1.0] * 35)
+    calls = []
+    settled = timing._settled
+    monkeypatch.setattr(timing, "_settled", lambda e, p: calls.append(len(e)) or settled(e, p))
+    assert timing.paired_ratio(candidate, reference, pairs=3, precision=0.01) == pytest.approx(0.8)
+    assert max(calls) == 8  # the ratio moved at pair 5: settled once it is the whole last half (pairs 5-8)
+    # an unreachable precision stops at the cap
+    calls.clear()
+    pairing([1.0, 0.5] * 10, [1.0] * 20)
+    monkeypatch.setattr(timing, "_settled", lambda e, p: calls.append(len(e)) or False)
     timing.paired_ratio(candidate, reference, pairs=2, precision=1e-9, max_pairs=6)
-    assert max(counts) == 5  # an unreachable precision: checked up to 5 pairs, stopped at the cap of 6
+    assert max(calls) == 5  # checked up to 5 pairs, stopped at the cap of 6

@@ -10,7 +10,8 @@ device and dtype, at the example input's batch. Three steps, after HALP (Shen et
    thread count, so a second run measures nothing.
 2. **An allocation** (:func:`allocation`): starting from the full model, take, again and again, the
    step (one hardware-aligned block of one layer's least important units) that costs the least
-   importance per second of predicted latency it saves. Channels go first where latency is bought
+   importance (scores weighted by the parameters the units carry) per second of predicted latency
+   it saves. Channels go first where latency is bought
    cheaply: an early convolution at high resolution saves more time per parameter than a late one.
 3. **Landing** (:func:`search_latency`): how many of those steps to take, found by timing real
    pruned candidates against the dense model (regula falsi on the predicted saving), until the
@@ -45,9 +46,9 @@ from .planner import Plan, Planner
 from .search import Increment, extend, layer_queues
 
 PROBE_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
-LANDING = 0.02  # the search stops within 2% of the target latency, leaving room for the 5% it promises
-PAIRS = 5  # back-to-back dense/pruned timings per candidate, at least
-PRECISION = 0.01  # ... and more, until the measured ratio is known to 1% (see tools.timing.paired_ratio)
+LANDING = 0.015  # the search stops within 1.5% of the target latency, leaving room for the 5% it promises
+PAIRS = 10  # alternating dense/pruned blocks per candidate, at least
+PRECISION = 0.01  # ... and more, until the measured ratio is settled to 1% (see tools.timing.paired_ratio)
 MAX_MEASUREMENTS = 8  # candidates timed while landing
 CACHE_ENV = "STRUCTPRUNE_CACHE"  # folder of the on-disk latency cache (default ~/.cache/structprune)
 
@@ -256,9 +257,26 @@ class _DiskCache(dict):
 
 
 # ---- the allocation -------------------------------------------------------------------------------------------
+def parameters_per_unit(dg: DependencyGraph) -> Dict[int, np.ndarray]:
+    """Per group, the number of parameters each of its units indexes (a hidden channel of a transformer
+    carries a row of every block's projections and of the embedding; an FFN channel three rows)."""
+    numel = {name: p.numel() for name, p in dg.model.named_parameters()}
+    carried = {group.id: np.zeros(group.n_units) for group in dg.groups}
+    for group in dg.groups:
+        for space, index in zip(group.spaces, group.unit_index):
+            if space.tensor in numel and space.size:
+                carried[group.id] += np.bincount(index, minlength=group.n_units) * (numel[space.tensor] / space.size)
+    return carried
+
+
 def allocation(planner: Planner, options: PlanOptions, table: LatencyTable) -> Tuple[List[Increment], np.ndarray]:
     """The order in which to remove steps (least importance lost per second of latency saved first), and the
-    table's predicted seconds after each prefix of them (``predicted[k]``: after the first ``k``)."""
+    table's predicted seconds after each prefix of them (``predicted[k]``: after the first ``k``).
+
+    A unit's importance is its normalised score (its standing within its group) times the parameters it
+    carries: normalisation makes groups comparable per unit, and a unit that spans every block (a hidden
+    channel) holds more of the model than one that spans a single layer. So the greedy spends importance
+    where latency is cheap in parameters, which is what keeps the most of the model at a given latency."""
     dg = planner.dg
     unit_index = {space.id: index for group in dg.groups for space, index in zip(group.spaces, group.unit_index)}
     dropped_units = {gid: np.zeros(dg.groups[gid].n_units, bool) for gid in planner.scores}
@@ -276,7 +294,8 @@ def allocation(planner: Planner, options: PlanOptions, table: LatencyTable) -> T
 
     # the allocation ranks layers globally, so max_group_ratio always applies
     queues = layer_queues(planner, options, Plan(), capped=True, skip_fixed=False)
-    normalized = {gid: normalize(s, options.normalize) for gid, s in planner.scores.items()}
+    carried = parameters_per_unit(dg)
+    worth = {gid: normalize(s, options.normalize) * carried[gid] for gid, s in planner.scores.items()}
     taken = [0] * len(queues)
     moves: List[Increment] = []
     predicted = [table.predict(space_kept)]
@@ -295,7 +314,7 @@ def allocation(planner: Planner, options: PlanOptions, table: LatencyTable) -> T
             saved = before - after
             if saved <= 0:
                 continue
-            price = float(normalized[gid][units].sum()) / saved
+            price = float(worth[gid][units].sum()) / saved
             if price < best[0]:
                 best = (price, q, saved)
         if best[1] < 0:
@@ -359,8 +378,7 @@ def search_latency(planner: Planner, options: PlanOptions, target: float, *,
 
     def measure(k: int) -> float:
         pruned = shrunk_copy(dg.model, dg, extend(planner, Plan(), moves[:k]).element_mask(dg))
-        return paired_ratio(pruned, dg.model, inputs.args, inputs.kwargs, pairs=pairs, min_time=0.1,
-                            precision=PRECISION)
+        return paired_ratio(pruned, dg.model, inputs.args, inputs.kwargs, pairs=pairs, precision=PRECISION)
 
     seen: Dict[int, float] = {0: 1.0}
     saved = np.concatenate([[0.0], np.cumsum(deltas)])

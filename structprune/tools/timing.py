@@ -1,11 +1,14 @@
-"""Timing one forward pass the way the hardware runs it: medians of repeats, CUDA graphs on a GPU.
+"""Timing one forward pass the way the hardware runs it: CUDA graphs on a GPU, repeats on a noisy machine.
 
 On a GPU an eager forward at a small batch measures Python's kernel launches, not the GPU work, so
-CUDA modules are captured into a CUDA graph and the graph's replays are timed with CUDA events
-(eager timing remains the fallback when capture fails, e.g. for a forward that syncs with the host).
-On a CPU the forward itself is timed, after warm-up runs, with ``time.perf_counter``. Both return
-the median over ``repeats`` blocks, each at least ``min_time`` seconds long, which is what makes two
-timings taken side by side comparable on a noisy machine.
+CUDA modules are captured into a CUDA graph and the graph's replays are timed (eager timing remains
+the fallback when capture fails, e.g. for a forward that syncs with the host). On a CPU the forward
+itself is timed, after warm-up runs, with ``time.perf_counter``.
+
+- :func:`time_forward`: the median over ``repeats`` blocks of one model, each at least ``min_time``
+  seconds long (an absolute latency to report);
+- :func:`paired_ratio`: how two models compare, from alternating blocks (what a decision or a
+  speedup claim should rest on: a shared machine drifts by more than the difference being measured).
 """
 from __future__ import annotations
 
@@ -70,34 +73,40 @@ def time_forward(module: nn.Module, args: Sequence[Any] = (), kwargs: Optional[D
 
 
 def paired_ratio(candidate: nn.Module, reference: nn.Module, args: Sequence[Any] = (),
-                 kwargs: Optional[Dict[str, Any]] = None, *, pairs: int = 5, min_time: float = 0.05,
+                 kwargs: Optional[Dict[str, Any]] = None, *, pairs: int = 5, min_time: float = 0.01,
                  cuda_graph: Optional[bool] = None, precision: Optional[float] = None,
-                 max_pairs: int = 25) -> float:
-    """Median over ``pairs`` of (candidate seconds / reference seconds), the two timed back to back.
+                 max_pairs: int = 40) -> float:
+    """Candidate seconds over reference seconds: the ratio of the two models' fastest blocks, the
+    blocks of the two timed alternately.
 
-    A shared machine drifts by tens of percent within a minute; timings taken moments apart drift
-    together, so their ratio is what can be compared (and what a benchmark should report). Each model
-    is captured and warmed up once, then their blocks alternate. With ``precision`` (relative, e.g.
-    0.01), pairs are added, up to ``max_pairs``, until the median's uncertainty (the ratios'
-    interquartile range over the square root of their number) is within it."""
+    A shared machine slows a run down by tens of percent at random moments, and never speeds one up
+    beyond what the hardware can do; the fastest of many short blocks is what each model costs when
+    nothing interferes (``timeit``'s reasoning), and alternating short blocks gives both models the
+    same chances to meet a quiet moment. Each model is captured and warmed up once; a block runs the
+    forward enough times to last ``min_time`` seconds (one run for a forward longer than that).
+    At least ``pairs`` pairs are timed; with ``precision`` (relative, e.g. 0.01) pairs are added, up
+    to ``max_pairs``, until the ratio has moved by less than that over the last half of the pairs."""
     with torch.no_grad():
         reference_runner = _runner(reference, args, kwargs, cuda_graph, WARMUP, min_time)
         candidate_runner = _runner(candidate, args, kwargs, cuda_graph, WARMUP, min_time)
-        ratios: List[float] = []
+        fastest_reference = fastest_candidate = math.inf
+        estimates: List[float] = []
         while True:
-            reference_time = reference_runner.block()
-            ratios.append(candidate_runner.block() / reference_time)
-            if len(ratios) >= max(pairs, 1) and (precision is None or len(ratios) >= max_pairs or
-                                                 _spread(ratios) <= precision * statistics.median(ratios)):
-                return statistics.median(ratios)
+            fastest_reference = min(fastest_reference, reference_runner.block())
+            fastest_candidate = min(fastest_candidate, candidate_runner.block())
+            estimates.append(fastest_candidate / fastest_reference)
+            if len(estimates) >= max(pairs, 1) and (precision is None or len(estimates) >= max_pairs or
+                                                    _settled(estimates, precision)):
+                return estimates[-1]
 
 
-def _spread(values: List[float]) -> float:
-    """The uncertainty of the median of ``values``: their interquartile range over sqrt(n) (unknown below 3)."""
-    if len(values) < 3:
-        return math.inf
-    quartiles = statistics.quantiles(values, n=4)
-    return (quartiles[2] - quartiles[0]) / math.sqrt(len(values))
+def _settled(estimates: List[float], precision: float) -> bool:
+    """Whether the running estimate has stayed within ``precision`` (relative) over the last half of its
+    history (at least 3 values): new fastest blocks no longer move it."""
+    recent = estimates[len(estimates) // 2:]
+    if len(recent) < 3:
+        return False
+    return max(recent) - min(recent) <= precision * estimates[-1]
 
 
 def _runs_per_block(run: Callable[[], Any], synchronize: Callable[[], None], min_time: float) -> int:
