@@ -27,7 +27,7 @@ from .errors import InvalidModelError, InvalidOptionError, InvalidRatioError
 
 SCOPES = ("local", "global")
 REDUCTIONS = ("mean", "sum", "max")
-NORMALIZATIONS = (None, "mean", "max", "sum")
+NORMALIZATIONS = (None, "mean", "max", "sum", "standard")
 TRACERS = ("auto", "fx", "export")
 ATTENTION_MODES = ("heads", "head_dims")
 TARGETS = ("params", "macs", "latency")
@@ -219,7 +219,8 @@ class PlanOptions:
         in fp32; see :mod:`structprune.planning.hardware`); ``None`` keeps exactly what the ratio gives.
     ignore: modules kept whole: names or globs, instances, or classes.
     ratios: ``{"module.glob.*": ratio}`` overrides for matching layers.
-    normalize: per-group score normalisation for global ranking: ``"mean"``, ``"max"``, ``"sum"`` or None.
+    normalize: per-group score normalisation for global ranking: ``"mean"``, ``"max"``, ``"sum"``,
+        ``"standard"`` (z-scores, FLAP's adaptive structure) or None.
     hidden: also prune widths that LayerNorm/RMSNorm normalise (a transformer's residual stream).
     reference_widths: layer name -> width before any pruning; ``ratio`` then counts from those widths
         (what :class:`~structprune.Pruner` uses so a schedule's cumulative targets are met exactly).
@@ -274,14 +275,20 @@ class PruneOptions:
     verify: check the pruned model against the original with the removed channels zeroed and raise
         :class:`~structprune.VerificationError` (leaving the model untouched) if they disagree.
     inplace: prune the model itself instead of a copy (restored if anything fails).
+    compensate: with calibration data (``data=``), fold the mean contribution of every removed input
+        channel into the bias of the linear layers (and unpadded convolutions) that read it, adding
+        biases where there were none (FLAP's bias compensation; see
+        :mod:`structprune.surgery.compensation`). Verification then holds those channels at their means.
     """
 
     verify: bool = True
     inplace: bool = False
+    compensate: bool = True
 
     def __post_init__(self) -> None:
         check_flag("verify", self.verify)
         check_flag("inplace", self.inplace)
+        check_flag("compensate", self.compensate)
 
 
 _SECTIONS = {"trace": TraceOptions, "score": ScoreOptions, "plan": PlanOptions, "prune": PruneOptions}

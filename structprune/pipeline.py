@@ -14,6 +14,7 @@ to run and what to do with their results.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
 from torch import nn
@@ -27,10 +28,31 @@ from .planning.latency import search_latency
 from .planning.planner import Plan, Planner
 from .planning.search import search_target
 from .scoring import ScoringContext, get_criterion
+from .surgery.compensation import Compensation
 from .surgery.shrink import rollback, shrink, shrunk_copy
 from .verify import VerificationResult, Verifier
 
 DRY_RUN_ROUNDS = 3  # re-plans after a dry run found groups that break the forward
+
+
+WEIGHT_ONLY_CRITERIA = ("l1", "l2", "magnitude", "fpgm", "bn_scale")
+
+
+def _is_language_model(model: nn.Module) -> bool:
+    """A generative language model: a Hugging Face model that can ``generate`` text from token ids."""
+    config = getattr(model, "config", None)
+    return callable(getattr(model, "generate", None)) and config is not None and hasattr(config, "vocab_size")
+
+
+def _warn_if_weights_alone_judge_a_language_model(model: nn.Module, criterion: Any, data: Any) -> None:
+    if data is None and isinstance(criterion, str) and criterion in WEIGHT_ONLY_CRITERIA and _is_language_model(model):
+        warnings.warn(
+            f"pruning a language model by weights alone (criterion={criterion!r}, no data) is unreliable: LLMs route "
+            f"their signal through a few feature channels with huge activations that weights do not show (SmolLM2-135M "
+            f"with 20% of its parameters removed by 'l2' goes from perplexity 9.8 to 1.5 million). Pass calibration "
+            f"batches of token ids, data=[tokens, ...], with criterion='flap' or 'wanda' (their removed channels' "
+            f"means are folded into biases too), or 'taylor' with loss_fn=lambda model, batch: model(input_ids=batch, "
+            f"labels=batch).loss", UserWarning, stacklevel=2)
 
 
 class PruningSession:
@@ -59,6 +81,8 @@ class PruningSession:
         if self._planner is None or rescore:
             score = self.options.score
             self._check_materialised()
+            if self._planner is None:
+                _warn_if_weights_alone_judge_a_language_model(self.model, score.criterion, score.data)
             context = ScoringContext(self.model, self.graph, data=score.data, loss_fn=score.loss_fn,
                                      reduction=score.reduction, seed=score.seed)
             # rescoring keeps the groups a dry run already showed to break: new scores do not make them safe
@@ -118,15 +142,24 @@ class PruningSession:
             # no verifier: the zeroed reference is the scored model's, and ``onto`` holds other values
             return shrunk_copy(onto, self.graph, dropped, notes), None
         prune = self.options.prune
+        compensation = self.compensation()
+        deltas = compensation.deltas(self.graph, dropped) if compensation is not None else {}
         # built before shrinking: its reference runs the captured graph, whose modules an in-place shrink changes
-        verifier = Verifier(self.graph, dropped) if prune.verify else None
+        verifier = Verifier(self.graph, dropped, compensation) if prune.verify else None
         # the check runs inside the rollback, so a failed verification restores an in-place model too
         with rollback(self.model) if prune.inplace else contextlib.nullcontext():
             if prune.inplace:
                 shrink(self.model, self.graph, dropped, notes)
             pruned = self.model if prune.inplace else shrunk_copy(self.model, self.graph, dropped, notes)
+            Compensation.fold(pruned, deltas, notes)
             verdict = verifier.check(pruned) if verifier is not None else None
         return pruned, verdict
+
+    def compensation(self) -> Optional[Compensation]:
+        """The bias compensation to apply (None: ``compensate=False`` or no calibration data to measure means)."""
+        if not self.options.prune.compensate or self.options.score.data is None:
+            return None
+        return Compensation.from_statistics(self.graph, self.planner().context.activations())
 
     def pruned_groups(self, plan: Plan) -> Dict[int, Tuple[int, int]]:
         """Group id -> (units before, units after) for every group the plan shrinks."""

@@ -81,9 +81,11 @@ def slim(model: nn.Module, example_input: Any, ratio: float = 0.5, **options: An
     Keyword options (the fields of :class:`~structprune.options.Options`; an unknown one raises
     :class:`~structprune.errors.InvalidOptionError` naming the closest valid one):
         criterion: ``"l2"`` (default), ``"l1"``, ``"magnitude"``, ``"gradient"``, ``"taylor"``,
-            ``"fpgm"``, ``"bn_scale"``, ``"random"``, or a function ``(group, context) -> scores``.
-        data, loss_fn: calibration batches and ``loss_fn(model, batch)`` for gradient criteria
-            (default loss: cross-entropy on ``(inputs, targets)`` batches).
+            ``"fpgm"``, ``"bn_scale"``, ``"random"``, the activation-aware ``"wanda"`` and ``"flap"``,
+            or a function ``(group, context) -> scores``.
+        data, loss_fn: calibration batches; ``loss_fn(model, batch)`` for gradient criteria
+            (default loss: cross-entropy on ``(inputs, targets)`` batches). Activation-aware criteria
+            and bias compensation only run the batches (tensors, dicts of inputs, or pairs).
         reduction: combine member scores by ``"mean"`` (default), ``"sum"`` or ``"max"``.
         normalize: per-group score normalisation for global ranking (``"mean"``, ``"max"``,
             ``"sum"`` or None).
@@ -98,6 +100,8 @@ def slim(model: nn.Module, example_input: Any, ratio: float = 0.5, **options: An
         verify: check the pruned model against the original with the removed channels zeroed and
             raise :class:`VerificationError` (leaving ``model`` untouched) if they disagree.
         inplace: prune ``model`` itself instead of a deep copy (restored if anything fails).
+        compensate: with ``data``, fold the calibration mean of every removed input channel into the
+            bias of the linear layers reading it (default True; FLAP's bias compensation).
         tracer: ``"auto"`` (torch.fx, then torch.export when fx fails), ``"fx"`` or ``"export"``.
         attention: where a projection is split into heads (found in the graph, no head count needed),
             prune whole ``"heads"`` (default; grouped-query attention drops a key/value head with its

@@ -4,6 +4,10 @@
 tensor whose axes carry them. Where every op on the pruned axes is per-channel, the pruned model
 must match that reference to float tolerance; where an op mixes channels (LayerNorm or softmax over
 a pruned axis) only shapes and finiteness can be checked, and the result says so.
+
+With bias compensation (:mod:`structprune.surgery.compensation`) a compensated layer's removed inputs
+still contribute their calibration mean: the reference adds that contribution to the layer's output,
+so the pruned model is compared with exactly what the compensation promises.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from .graph.capture import eval_mode, output_tensors
 from .graph.dependency_graph import DependencyGraph
 from .graph.labels import Label
 from .precision import LOW_PRECISION, RTOL, cast_floats, compute_dtype, computing_in, ieee_fp32, native_tolerance
+from .surgery.compensation import Compensation
 from .surgery.shrink import shrunk_copy
 
 
@@ -60,15 +65,18 @@ def _zero_dropped(value: Any, label: Label, dropped: np.ndarray) -> Any:
 class ZeroingInterpreter(fx.Interpreter):
     """Run the captured original graph, zeroing every dropped channel in every labelled tensor.
 
+    ``shifts`` (node -> output axis, values) adds a compensated layer's lost mean contribution to its output.
+
     With ``dtype`` (the precision verification computes in), the fp16/bf16 literals a trace recorded
     (``x.to(torch.bfloat16)`` from a forward that read ``self.dtype``) cast to ``dtype`` instead."""
 
     def __init__(self, module: nn.Module, graph: fx.Graph, labels: Dict[fx.Node, Label], dropped: np.ndarray,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, shifts: Optional[Dict[fx.Node, Tuple[int, torch.Tensor]]] = None):
         super().__init__(module, graph=graph)
         self._labels = labels
         self._dropped = dropped
         self._dtype = dtype
+        self._shifts = shifts or {}
 
     def fetch_args_kwargs_from_env(self, n: fx.Node) -> Tuple[Tuple, Dict[str, Any]]:
         args, kwargs = super().fetch_args_kwargs_from_env(n)
@@ -82,7 +90,15 @@ class ZeroingInterpreter(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         # zero after every node, not only after the producing layer: a BatchNorm shift or a bias would make a
         # dropped channel non-zero again, and the next layer would read what the pruned model no longer has
-        return _zero_dropped(super().run_node(n), self._labels.get(n), self._dropped)
+        value = super().run_node(n)
+        shift = self._shifts.get(n)
+        if shift is not None and isinstance(value, torch.Tensor):
+            # a compensated layer: its removed inputs still contribute their mean, through its bias
+            axis, delta = shift
+            shape = [1] * value.dim()
+            shape[axis] = -1
+            value = value + delta.to(value.device, value.dtype).reshape(shape)
+        return _zero_dropped(value, self._labels.get(n), self._dropped)
 
 
 @contextlib.contextmanager
@@ -121,13 +137,16 @@ def _zeroed_leaf_parameters(dg: DependencyGraph, dropped: np.ndarray):
             module._parameters[name] = t
 
 
-def zeroed_reference(dg: DependencyGraph, dropped: np.ndarray, dtype: Optional[torch.dtype] = None) -> Any:
+def zeroed_reference(dg: DependencyGraph, dropped: np.ndarray, dtype: Optional[torch.dtype] = None,
+                     compensation: Optional[Compensation] = None) -> Any:
     """Outputs of the original model with every dropped channel zeroed (run before shrinking, since an
     in-place shrink changes the very modules the captured graph calls), computed in ``dtype`` (None: the
-    model's own) with full-precision fp32 arithmetic (see :mod:`structprune.precision`)."""
+    model's own) with full-precision fp32 arithmetic (see :mod:`structprune.precision`). With
+    ``compensation``, the layers whose biases absorb the removed channels read them at those constants."""
+    shifts = compensation.shifts(dg, dropped) if compensation is not None else None
     with torch.no_grad(), eval_mode(dg.model), ieee_fp32(), computing_in(dg.model, dtype), \
             _zeroed_leaf_parameters(dg, dropped):
-        return ZeroingInterpreter(dg.trace.module, dg.trace.graph, dg.labels, dropped, dtype).run(
+        return ZeroingInterpreter(dg.trace.module, dg.trace.graph, dg.labels, dropped, dtype, shifts).run(
             *cast_floats(dg.trace.run_args(dg.inputs), dtype))
 
 
@@ -212,7 +231,7 @@ class Verifier:
     checked value for value, so a mistake outside the mixing ops cannot hide behind them.
     """
 
-    def __init__(self, dg: DependencyGraph, dropped: np.ndarray):
+    def __init__(self, dg: DependencyGraph, dropped: np.ndarray, compensation: Optional[Compensation] = None):
         self.dg, self.dropped = dg, dropped
         self.exact_part: Optional[VerificationResult] = None
         # fp16/bf16 models are compared in fp32 (see structprune.precision); one whose graph pins its dtype
@@ -220,13 +239,15 @@ class Verifier:
         self.dtype, self.rtol = compute_dtype(dg.model), RTOL
         if self.dtype is not None and not computes_alike(dg, self.dtype):
             self.dtype, self.rtol = None, native_tolerance(dg.model)
-        self.reference = zeroed_reference(dg, dropped, self.dtype)
+        self.reference = zeroed_reference(dg, dropped, self.dtype, compensation)
         # dropping only the channels whose groups see per-channel ops gives a model that must match exactly
         subset = dropped & dg.exact_elements
         if not is_exact(dg, dropped) and subset.any():
-            self.exact_part = verify(dg, shrunk_copy(dg.model, dg, subset), subset,
-                                     zeroed_reference(dg, subset, self.dtype), exact=True, dtype=self.dtype,
-                                     rtol=self.rtol)
+            part = shrunk_copy(dg.model, dg, subset)
+            if compensation is not None:
+                compensation.fold(part, compensation.deltas(dg, subset))
+            self.exact_part = verify(dg, part, subset, zeroed_reference(dg, subset, self.dtype, compensation),
+                                     exact=True, dtype=self.dtype, rtol=self.rtol)
             if not self.exact_part.passed:
                 raise VerificationError(self.explain(self.exact_part))
 

@@ -1,6 +1,7 @@
 """Scope, targets, round_to, ignore and per-module ratios."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -106,3 +107,14 @@ def test_global_ties_are_shared_in_proportion_to_layer_size():
                           nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 2, 1))
     small = sp.slim(model, torch.randn(1, 3, 4, 4), 0.5, criterion="bn_scale", scope="global")
     assert (small[0].out_channels, small[3].out_channels) == (8, 16)
+
+
+def test_standard_normalisation_ranks_units_by_how_far_below_their_own_layer_they_are():
+    from structprune.scoring import normalize
+
+    np.testing.assert_allclose(normalize(np.array([1.0, 2.0, 3.0]), "standard"), [-1.2247449, 0.0, 1.2247449])
+    assert not normalize(np.array([5.0, 5.0]), "standard").any()  # no spread: nothing stands out
+    # layer a's scores are tightly bunched, layer b's spread out: b's low outlier goes first in global scope
+    scores_a, scores_b = np.array([10.0, 10.1, 10.2, 10.3]), np.array([1.0, 5.0, 5.1, 5.2])
+    standard = np.concatenate([normalize(scores_a, "standard"), normalize(scores_b, "standard")])
+    assert np.argmin(standard) == 4

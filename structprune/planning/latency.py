@@ -295,7 +295,10 @@ def allocation(planner: Planner, options: PlanOptions, table: LatencyTable) -> T
     # the allocation ranks layers globally, so max_group_ratio always applies
     queues = layer_queues(planner, options, Plan(), capped=True, skip_fixed=False)
     carried = parameters_per_unit(dg)
-    worth = {gid: normalize(s, options.normalize) * carried[gid] for gid, s in planner.scores.items()}
+    normalized = {gid: normalize(s, options.normalize) for gid, s in planner.scores.items()}
+    # standardised scores go negative: shift them all alike, so every unit is worth something and the order holds
+    floor = min([0.0] + [float(s.min()) for s in normalized.values() if s.size])
+    worth = {gid: (s - floor) * carried[gid] for gid, s in normalized.items()}
     taken = [0] * len(queues)
     moves: List[Increment] = []
     predicted = [table.predict(space_kept)]

@@ -77,6 +77,7 @@ class Planner:
     def __init__(self, dg: DependencyGraph, context: ScoringContext, criterion: Criterion,
                  ignore: Sequence[Any] = ()):
         self.dg = dg
+        self.context = context
         self.scores: Dict[int, np.ndarray] = {}
         for group in dg.prunable_groups:
             scores = np.asarray(_as_numpy(criterion(group, context)), dtype=np.float64).reshape(-1)

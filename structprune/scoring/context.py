@@ -19,6 +19,7 @@ from ..errors import InvalidOptionError
 from ..graph.capture import eval_mode
 from ..graph.dependency_graph import named_tensors
 from ..options import REDUCTIONS, check_choice
+from .activations import ActivationCollector, InputStatistics
 
 if TYPE_CHECKING:
     from ..graph.dependency_graph import DependencyGraph, Group
@@ -166,6 +167,7 @@ class ScoringContext:
     _sums: Dict[tuple, Dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
     _grads: Optional[Dict[str, GradientStatistics]] = field(default=None, repr=False)
     _grad_kinds: Set[str] = field(default_factory=set, repr=False)
+    _activations: Optional[Dict[str, InputStatistics]] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_choice("reduction", self.reduction, REDUCTIONS)
@@ -217,6 +219,14 @@ class ScoringContext:
         stacked = np.stack(per_member)
         reducers: Dict[str, Callable[..., np.ndarray]] = {"mean": stacked.mean, "sum": stacked.sum, "max": stacked.max}
         return reducers[self.reduction](axis=0)
+
+    # ----- activations -----------------------------------------------------------------------------------
+    def activations(self) -> Dict[str, InputStatistics]:
+        """Per weight name, statistics of the inputs that weight reads over the calibration data (one
+        streamed pass, on first use; see :mod:`structprune.scoring.activations`)."""
+        if self._activations is None:
+            self._activations = ActivationCollector(self.model).collect(self.data)
+        return self._activations
 
     # ----- gradients ---------------------------------------------------------------------------------------
     def gradients(self, *kinds: str) -> Dict[str, GradientStatistics]:

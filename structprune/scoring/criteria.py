@@ -23,7 +23,16 @@ Built-in criteria, after the textbook chapter the project follows:
 ``bn_scale``   Network Slimming: |gamma| of the normalisation scales in the group (L2 when a group
                has none)
 ``random``     uniform scores from a generator seeded by ``context.seed``
+``wanda``      Wanda (Sun et al. 2024), structured: sum over the unit's slice of |w| * ||x||, where
+               ||x|| is the L2 norm over the calibration data of the input feature the weight reads
+``flap``       FLAP's fluctuation (An et al. 2024): for every layer reading the channel, the variance
+               of that input over the calibration data times the squared norm of the weights
+               reading it (what removing it changes beyond its mean, which bias compensation restores)
 =============  ==================================================================================
+
+``wanda`` and ``flap`` read activation statistics of the calibration data (``data=``, streamed, see
+:mod:`structprune.scoring.activations`); the members they cannot weigh by an input (a norm's scale, a
+bias, an embedding) do not count, and a group with no such member falls back to ``l2``.
 
 Register more with :func:`register_criterion`; any callable ``(group, context) -> scores`` also works
 wherever channels are scored. :func:`list_criteria` names what is registered.
@@ -42,6 +51,7 @@ from torch import nn
 from ..errors import InvalidOptionError
 from ..graph.dependency_graph import Group
 from ..options import NORMALIZATIONS, check_choice
+from .activations import InputStatistics, per_weight_column
 from .context import ScoringContext, _channel_sums
 
 ChannelScore = Callable[[Group, ScoringContext], Any]
@@ -126,10 +136,17 @@ def get_criterion(criterion: Union[str, Criterion, ChannelScore]) -> Criterion:
 
 
 def normalize(scores: np.ndarray, how: Optional[str]) -> np.ndarray:
-    """Scale a group's scores so groups of different size and magnitude compare (global scope)."""
+    """Scale a group's scores so groups of different size and magnitude compare (global scope).
+
+    ``"mean"``, ``"max"``, ``"sum"`` divide by that statistic of the absolute scores; ``"standard"``
+    standardises them (minus the mean, over the standard deviation), as FLAP's adaptive structure search
+    does, so that a layer loses more where its scores spread further below its own average."""
     if how is None:
         return scores
     check_choice("normalize", how, NORMALIZATIONS)
+    if how == "standard":
+        spread = float(scores.std()) if scores.size else 0.0
+        return (scores - scores.mean()) / spread if spread > 0 else np.zeros_like(scores, dtype=np.float64)
     reducers: Dict[str, Callable[[np.ndarray], float]] = {"mean": np.mean, "max": np.max, "sum": np.sum}
     scale = reducers[how](np.abs(scores)) if scores.size else 0.0
     return scores / scale if scale > 0 else scores
@@ -265,6 +282,43 @@ def bn_scale(group: Group, ctx: ScoringContext) -> np.ndarray:
             values = t.detach().abs().double().reshape(-1).cpu().numpy()
             per_member.append(np.bincount(index, weights=values, minlength=group.n_units))
     return ctx.combine(group, per_member) if per_member else l2_norm(group, ctx)
+
+
+def _activation_weighted(group: Group, ctx: ScoringContext, input_side_only: bool,
+                         score: Callable[[torch.Tensor, InputStatistics], torch.Tensor]) -> np.ndarray:
+    """Per member that reads calibrated inputs, ``score(weight, stats)`` (shaped like the weight) summed on the unit's
+    axis; ``input_side_only`` counts a weight only where the group cuts its input dim."""
+    statistics = ctx.activations()
+    per_member = []
+    for space, index, t in ctx.trainable_members(group):
+        stats = statistics.get(space.tensor)
+        if stats is None or t.dim() < 2 or (input_side_only and space.dim != stats.axis):
+            continue
+        values = ctx.axis_sums(space.tensor, lambda: score(t.detach(), stats), score.__name__, space.dim)
+        per_member.append(np.bincount(index, weights=values, minlength=group.n_units))
+    return ctx.combine(group, per_member) if per_member else l2_norm(group, ctx)
+
+
+def _wanda_matrix(weight: torch.Tensor, stats: InputStatistics) -> torch.Tensor:
+    return weight.abs().float() * per_weight_column(stats, weight, stats.norm)
+
+
+def _fluctuation_matrix(weight: torch.Tensor, stats: InputStatistics) -> torch.Tensor:
+    return weight.float().square() * per_weight_column(stats, weight, stats.variance)
+
+
+@register_criterion("wanda")
+def wanda(group: Group, ctx: ScoringContext) -> np.ndarray:
+    """Structured Wanda: |w| times the calibration norm of the input each weight reads, summed over the
+    unit's slice in every layer that reads calibrated inputs."""
+    return _activation_weighted(group, ctx, False, _wanda_matrix)
+
+
+@register_criterion("flap")
+def flap(group: Group, ctx: ScoringContext) -> np.ndarray:
+    """FLAP's fluctuation: for each layer reading the unit as an input, the input's variance over the
+    calibration data times the squared norm of the weights reading it."""
+    return _activation_weighted(group, ctx, True, _fluctuation_matrix)
 
 
 @register_criterion("random", element=_random_elements)
