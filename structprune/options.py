@@ -275,10 +275,11 @@ class PruneOptions:
     verify: check the pruned model against the original with the removed channels zeroed and raise
         :class:`~structprune.VerificationError` (leaving the model untouched) if they disagree.
     inplace: prune the model itself instead of a copy (restored if anything fails).
-    compensate: with calibration data (``data=``), fold the mean contribution of every removed input
-        channel into the bias of the linear layers (and unpadded convolutions) that read it, adding
-        biases where there were none (FLAP's bias compensation; see
-        :mod:`structprune.surgery.compensation`). Verification then holds those channels at their means.
+    compensate: fold the mean contribution of every removed input channel into the bias of the linear
+        layers (and unpadded convolutions) that read it, adding biases where there were none (FLAP's bias
+        compensation; see :mod:`structprune.surgery.compensation`): the calibration mean with ``data=``,
+        else only channels that are constant whatever the input (dead channels with a nonzero
+        activation). Verification then holds those channels at those values.
     """
 
     verify: bool = True

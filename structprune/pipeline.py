@@ -28,7 +28,7 @@ from .planning.latency import search_latency
 from .planning.planner import Plan, Planner
 from .planning.search import search_target
 from .scoring import ScoringContext, get_criterion
-from .surgery.compensation import Compensation
+from .surgery.compensation import Compensation, constant_channels
 from .surgery.shrink import rollback, shrink, shrunk_copy
 from .verify import VerificationResult, Verifier
 
@@ -156,10 +156,14 @@ class PruningSession:
         return pruned, verdict
 
     def compensation(self) -> Optional[Compensation]:
-        """The bias compensation to apply (None: ``compensate=False`` or no calibration data to measure means)."""
-        if not self.options.prune.compensate or self.options.score.data is None:
+        """The bias compensation to apply: the calibration means of the removed inputs with ``data``, else the
+        values of the channels that are constant whatever the input (None: ``compensate=False``)."""
+        if not self.options.prune.compensate:
             return None
-        return Compensation.from_statistics(self.graph, self.planner().context.activations())
+        if self.options.score.data is not None:
+            return Compensation.from_statistics(self.graph, self.planner().context.activations())
+        inputs = self.graph.inputs.cloned()
+        return Compensation.from_statistics(self.graph, constant_channels(self.model, inputs.args, inputs.kwargs))
 
     def pruned_groups(self, plan: Plan) -> Dict[int, Tuple[int, int]]:
         """Group id -> (units before, units after) for every group the plan shrinks."""

@@ -100,8 +100,9 @@ def slim(model: nn.Module, example_input: Any, ratio: float = 0.5, **options: An
         verify: check the pruned model against the original with the removed channels zeroed and
             raise :class:`VerificationError` (leaving ``model`` untouched) if they disagree.
         inplace: prune ``model`` itself instead of a deep copy (restored if anything fails).
-        compensate: with ``data``, fold the calibration mean of every removed input channel into the
-            bias of the linear layers reading it (default True; FLAP's bias compensation).
+        compensate: fold the calibration mean (with ``data``) of every removed input channel into the
+            bias of the linear layers reading it (default True; FLAP's bias compensation); without
+            ``data``, only channels that are constant whatever the input (dead channels) are folded.
         tracer: ``"auto"`` (torch.fx, then torch.export when fx fails), ``"fx"`` or ``"export"``.
         attention: where a projection is split into heads (found in the graph, no head count needed),
             prune whole ``"heads"`` (default; grouped-query attention drops a key/value head with its

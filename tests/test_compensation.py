@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import structprune as sp
 
@@ -121,9 +123,64 @@ def test_a_compensated_llama_survives_save_pretrained_and_from_pretrained(tmp_pa
         torch.testing.assert_close(again(x).logits, small(x).logits)
 
 
-def test_without_data_or_with_compensate_false_nothing_is_folded(mlp):
+def test_without_data_only_constant_channels_are_folded_and_compensate_false_folds_nothing(mlp):
     model, data = mlp
     assert sp.slim(model, data[0], 0.5).fc2.bias is None
     assert sp.slim(model, data[0], 0.5, data=data, compensate=False).fc2.bias is None
     with pytest.raises(sp.StructPruneError, match="compensate"):
         sp.slim(model, data[0], 0.5, compensate="yes")
+
+
+class DeadChannels(nn.Module):
+    """stem conv -> BN -> activation -> chunk in two -> each half through a 1x1 conv -> concat -> 1x1 head.
+
+    ``dead`` stem channels have zero filters and a zero BN scale, so their activation is act(BN shift):
+    a constant that is not zero (sigmoid(0) = 0.5, a Network-Slimming BN whose shift survived)."""
+
+    def __init__(self, width: int, dead: list, activation: str, shifts: list):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.act = {"sigmoid": nn.Sigmoid(), "relu": nn.ReLU(), "gelu": nn.GELU()}[activation]
+        self.left = nn.Conv2d(width // 2, 6, 1)
+        self.right = nn.Conv2d(width - width // 2, 6, 1, bias=False)
+        self.head = nn.Conv2d(12, 4, 1)
+        with torch.no_grad():
+            for channel, shift in zip(dead, shifts):
+                self.stem.weight[channel] = 0
+                self.stem.bias[channel] = 0
+                self.bn.weight[channel] = 0
+                self.bn.bias[channel] = shift
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        a, b = self.act(self.bn(self.stem(x))).chunk(2, dim=1)
+        return self.head(torch.cat([self.left(a), self.right(b)], dim=1))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(width=st.sampled_from([8, 12, 16]), activation=st.sampled_from(["sigmoid", "relu", "gelu"]),
+       data=st.data(), seed=st.integers(0, 2 ** 16))
+def test_removing_dead_channels_with_a_constant_activation_is_exact(width, activation, data, seed):
+    torch.manual_seed(seed)
+    # chunk ties position p of each half (a unit is a pair p, p + width/2): kill both channels of a pair
+    pairs = data.draw(st.lists(st.integers(0, width // 2 - 1), min_size=1, max_size=width // 4, unique=True))
+    dead = pairs + [p + width // 2 for p in pairs]
+    shifts = data.draw(st.lists(st.floats(0.2, 2.0), min_size=len(dead), max_size=len(dead)))
+    model = DeadChannels(width, dead, activation, shifts).eval()
+
+    def dead_first(group, context):  # the dead channels score lowest, so exactly they go
+        scores = torch.ones(group.n_units)
+        if ("stem.weight", 0) in group.members:
+            index = dict(zip(group.members, group.unit_index))[("stem.weight", 0)]
+            scores[torch.as_tensor(index[dead])] = 0
+        return scores.numpy()
+
+    small, report = sp.slim_with_report(model, torch.randn(2, 3, 8, 8), len(dead) / width, criterion=dead_first,
+                                        round_to=None, ignore=["left", "right", "head"])
+    assert report.verification is not None and report.verification.passed
+    assert small.stem.out_channels == width - len(dead)
+    x = torch.randn(3, 3, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)

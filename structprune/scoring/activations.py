@@ -14,7 +14,7 @@ dependency graph's channel spaces use), together with the weight's input dim.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -26,7 +26,8 @@ from ..ops.registry import input_axis
 
 @dataclass
 class InputStatistics:
-    """One weighted layer's input, per feature: ``count`` positions seen, their ``total`` and ``squares``.
+    """One weighted layer's input, per feature: ``count`` positions seen, their ``total`` and ``squares``, and the
+    ``lowest`` and ``highest`` value.
 
     ``axis`` is the weight's dim that consumes the features (1 for a linear or conv weight, 0 for
     GPT-2's transposed ``Conv1D``); ``groups`` is a convolution's group count."""
@@ -36,16 +37,20 @@ class InputStatistics:
     count: int = 0
     total: Optional[torch.Tensor] = None
     squares: Optional[torch.Tensor] = None
+    lowest: Optional[torch.Tensor] = None
+    highest: Optional[torch.Tensor] = None
 
     def add(self, features: torch.Tensor) -> None:
         """Fold in a (positions, features) matrix."""
         features = features.detach().float()
         total, squares = features.sum(0).double(), features.square().sum(0).double()
-        if self.total is None or self.squares is None:
-            self.total, self.squares = total, squares
+        lowest, highest = features.amin(0), features.amax(0)
+        if self.total is None or self.squares is None or self.lowest is None or self.highest is None:
+            self.total, self.squares, self.lowest, self.highest = total, squares, lowest, highest
         else:
             self.total += total
             self.squares += squares
+            self.lowest, self.highest = torch.minimum(self.lowest, lowest), torch.maximum(self.highest, highest)
         self.count += features.shape[0]
 
     @property
@@ -59,6 +64,12 @@ class InputStatistics:
         """Population variance of each feature (FLAP's "fluctuation")."""
         assert self.squares is not None
         return (self.squares / max(self.count, 1) - self.mean.square()).clamp_min(0)
+
+    @property
+    def constant(self) -> torch.Tensor:
+        """Whether each feature took one value at every position seen."""
+        assert self.lowest is not None and self.highest is not None
+        return self.lowest == self.highest
 
     @property
     def norm(self) -> torch.Tensor:
@@ -100,7 +111,9 @@ class ActivationCollector:
     model: nn.Module
     statistics: Dict[str, InputStatistics] = field(default_factory=dict)
 
-    def collect(self, data: Optional[Iterable]) -> Dict[str, InputStatistics]:
+    def collect(self, data: Optional[Iterable], run: Callable[[nn.Module, Any], Any] = run_batch
+                ) -> Dict[str, InputStatistics]:
+        """Statistics over every batch of ``data``, each fed to the model by ``run(model, batch)``."""
         if data is None:
             raise InvalidOptionError("activation-aware criteria need calibration data: pass data=<batches or "
                                      "DataLoader> (token tensors, dicts of model inputs, or (inputs, targets) pairs)")
@@ -122,7 +135,7 @@ class ActivationCollector:
         try:
             with eval_mode(self.model), torch.no_grad():
                 for batch in data:
-                    run_batch(self.model, batch)
+                    run(self.model, batch)
                     batches += 1
         finally:
             for handle in handles:

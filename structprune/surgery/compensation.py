@@ -7,6 +7,10 @@ An et al. 2024). A layer without a bias gets one, and where a Hugging Face confi
 the layer has a bias (``mlp_bias``, ``attention_bias``), the flag is set and the sibling layers it
 governs get zero biases, so that ``save_pretrained``/``from_pretrained`` rebuild the same model.
 
+Without calibration data the same fold runs for the channels that are constant whatever the input
+(:func:`constant_channels`: dead channels whose activation of a bias is not zero), which makes
+removing them exact.
+
 The fold is exact only for layers that are affine in each input position: linear layers (and GPT-2's
 ``Conv1D``) and convolutions that add no padding (a zero-padded border does not see the constant).
 Other readers keep zero for the removed channel, and verification compares the pruned model with
@@ -15,7 +19,7 @@ the original in which each compensated layer reads the constant (:meth:`Compensa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +27,7 @@ from torch import fx, nn
 
 from ..graph.dependency_graph import DependencyGraph
 from ..ops.registry import input_axis
-from ..scoring.activations import InputStatistics, per_weight_column
+from ..scoring.activations import ActivationCollector, InputStatistics, per_weight_column
 
 # Hugging Face module classes whose config decides which of their linear layers have a bias
 CONFIG_BIAS_FLAGS: Dict[str, Tuple[str, Tuple[str, ...]]] = {}
@@ -44,6 +48,8 @@ def _affine_per_position(module: nn.Module) -> bool:
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return False
     if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups != 1:  # a grouped conv loses the outputs of the inputs it loses: nothing to carry
+            return False
         if module.padding == "same":
             return all(k == 1 for k in module.kernel_size)
         return module.padding == "valid" or all(p == 0 for p in module.padding)
@@ -113,11 +119,10 @@ class Compensation:
             stats = self.statistics.get(space.tensor)
             if stats is None or space.dim != stats.axis:
                 continue
-            gone = space.of(dropped)
-            if gone.any():
-                mean = self.means[space.tensor]
-                result[space.tensor] = torch.where(torch.as_tensor(gone, device=mean.device), mean,
-                                                   torch.zeros_like(mean))
+            gone = torch.as_tensor(space.of(dropped), device=self.means[space.tensor].device)
+            held = torch.where(gone, self.means[space.tensor], torch.zeros_like(self.means[space.tensor]))
+            if held.any():  # removed inputs with a mean of zero need no bias (and get none)
+                result[space.tensor] = held
         return result
 
     def contributions(self, dg: DependencyGraph, dropped: np.ndarray) -> Dict[str, torch.Tensor]:
@@ -208,4 +213,43 @@ def _bias_of(model: nn.Module, path: str, layer: nn.Module, notes: Optional[List
     return created
 
 
-__all__ = ["Compensation", "register_bias_flag"]
+def constant_channels(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, InputStatistics]:
+    """Without calibration data: the input features that are constant whatever the input, with their value.
+
+    A channel whose weights are all zero still carries its activation of the bias: sigmoid(0) = 0.5, or a
+    BatchNorm shift whose scale went to zero under Network Slimming. Removing it drops that constant from
+    the next layer's output unless the constant goes into the bias. A feature counts as constant when it
+    takes one value at every position of the example input and of a random perturbation of it (so an
+    all-zero example cannot pass a merely quiet channel for a dead one). Returns the statistics of the
+    example, with the mean of every non-constant feature set to zero (nothing is folded for those);
+    empty when the example has no floating-point input to perturb."""
+    generator = torch.Generator().manual_seed(0)
+
+    def perturbed(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            noise = torch.randn(value.shape, generator=generator).to(value.device, value.dtype)
+            return value + noise * (value.detach().float().std().nan_to_num(0).item() + 1)
+        return value
+
+    floats = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not floats or any(t.is_meta for t in [*floats, *model.parameters()]):
+        return {}  # nothing to perturb, or no values to run on
+    try:
+        calls = [(args, kwargs), (tuple(perturbed(a) for a in args), {k: perturbed(v) for k, v in kwargs.items()})]
+        runs = [ActivationCollector(model).collect([call], run=lambda m, c: m(*c[0], **c[1])) for call in calls]
+    except Exception:  # a forward that rejects the perturbed input: fold nothing rather than fail the prune
+        return {}
+    constant = {}
+    for name, first in runs[0].items():
+        second = runs[1].get(name)
+        if second is None or first.count < 2:
+            continue
+        steady = first.constant & second.constant & (first.mean == second.mean)
+        if steady.any():
+            assert first.total is not None
+            first.total = torch.where(steady, first.total, torch.zeros_like(first.total))
+            constant[name] = first
+    return constant
+
+
+__all__ = ["Compensation", "constant_channels", "register_bias_flag"]
