@@ -34,6 +34,15 @@ def named_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
     return tensors
 
 
+def canonical_names(tensors: Dict[str, torch.Tensor]) -> Dict[int, str]:
+    """``id`` of each tensor -> the first name it is reachable by: a shared (tied) tensor has one name, the one
+    channel spaces use."""
+    canonical: Dict[int, str] = {}
+    for name, t in tensors.items():
+        canonical.setdefault(id(t), name)
+    return canonical
+
+
 
 class DependencyGraph:
     """Coupled channel groups of ``model`` for ``example_input``.
@@ -85,9 +94,7 @@ class DependencyGraph:
     def _walk(self, trace: Trace) -> Dict[fx.Node, Label]:
         """Run every node's rule in order; return the label of every node."""
         state, tensors = self.state, self.tensors
-        canonical: Dict[int, str] = {}
-        for name, t in tensors.items():
-            canonical.setdefault(id(t), name)  # a shared tensor is known by its first name
+        canonical = canonical_names(tensors)  # a shared tensor is known by its first name
         # every alias resolves to one name, so tied weights (embedding and LM head) share one space and stay tied
         by_name = {name: canonical[id(t)] for name, t in tensors.items()}
         labels: Dict[fx.Node, Label] = {}

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import InvalidOptionError
 from ..graph.capture import eval_mode
+from ..graph.dependency_graph import canonical_names
 from ..ops.registry import input_axis
 
 
@@ -117,9 +118,7 @@ class ActivationCollector:
         if data is None:
             raise InvalidOptionError("activation-aware criteria need calibration data: pass data=<batches or "
                                      "DataLoader> (token tensors, dicts of model inputs, or (inputs, targets) pairs)")
-        canonical: Dict[int, str] = {}
-        for name, parameter in self.model.named_parameters():
-            canonical.setdefault(id(parameter), name)
+        canonical = canonical_names(dict(self.model.named_parameters()))
         handles: List[Any] = []
         for module in self.model.modules():
             weight = getattr(module, "weight", None)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..graph.dependency_graph import DependencyGraph
+from ..graph.dependency_graph import DependencyGraph, canonical_names
 from ..ops.registry import input_axis
 from ..scoring.activations import ActivationCollector, InputStatistics, per_weight_column
 
@@ -74,9 +74,7 @@ class Compensation:
         """The weights that every graph node reading them uses as an affine layer: a call of a linear layer
         or an unpadded convolution (``call_module``, or ``F.linear`` where the graph inlined the module).
         A reader's axis is that of its output features (1 for a convolution, the last for a linear layer)."""
-        canonical: Dict[int, str] = {}
-        for name, parameter in dg.model.named_parameters():
-            canonical.setdefault(id(parameter), name)
+        canonical = canonical_names(dict(dg.model.named_parameters()))
         owners: Dict[str, List[str]] = {}
         for path, module in dg.model.named_modules():
             weight = getattr(module, "weight", None)
