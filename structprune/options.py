@@ -222,6 +222,12 @@ class PlanOptions:
     normalize: per-group score normalisation for global ranking: ``"mean"``, ``"max"``, ``"sum"``,
         ``"standard"`` (z-scores, FLAP's adaptive structure) or None.
     hidden: also prune widths that LayerNorm/RMSNorm normalise (a transformer's residual stream).
+    uniform_blocks: repeated blocks (layers whose paths differ only in the block number, such as
+        ``model.layers.3.mlp`` and ``model.layers.7.mlp``) all keep the same width, the mean of what the
+        plan gave them, each dropping its own lowest-scoring units. ``None`` (the default) does so for
+        Hugging Face models, whose config holds one width per kind of layer: then ``save_pretrained`` and
+        ``from_pretrained`` rebuild the pruned model. ``False`` lets every block keep its own width (a better
+        allocation; reload with :func:`structprune.load`).
     reference_widths: layer name -> width before any pruning; ``ratio`` then counts from those widths
         (what :class:`~structprune.Pruner` uses so a schedule's cumulative targets are met exactly).
     """
@@ -235,6 +241,7 @@ class PlanOptions:
     ratios: Optional[Mapping[str, float]] = field(default=None)
     normalize: Optional[str] = "mean"
     hidden: bool = True
+    uniform_blocks: Optional[bool] = None
     reference_widths: Optional[Mapping[str, int]] = None
 
     def __post_init__(self) -> None:
@@ -254,6 +261,8 @@ class PlanOptions:
         object.__setattr__(self, "ratios", check_ratios(self.ratios))
         check_choice("normalize", self.normalize, NORMALIZATIONS)
         check_flag("hidden", self.hidden)
+        if self.uniform_blocks is not None:
+            check_flag("uniform_blocks", self.uniform_blocks)
 
     @property
     def budget(self) -> Optional[Tuple[str, float]]:

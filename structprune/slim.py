@@ -110,6 +110,9 @@ def slim(model: nn.Module, example_input: Any, ratio: float = 0.5, **options: An
             dims under an implicit ``1/sqrt(head_dim)`` scale stay whole).
         hidden: also prune widths that LayerNorm/RMSNorm normalise (a transformer's residual stream,
             embeddings and tied heads included). ``False`` prunes only heads and feed-forward widths.
+        uniform_blocks: repeated blocks (``model.layers.3.mlp``, ``model.layers.7.mlp``) keep one width.
+            ``None`` (default): on for Hugging Face models, so that their config describes the pruned
+            model and ``save_pretrained``/``from_pretrained`` rebuild it; ``False``: each block its own.
 
     Returns:
         The pruned model: same classes, attribute names and ``state_dict`` keys, smaller tensors.

@@ -231,3 +231,59 @@ def test_more_hugging_face_architectures(name):
     if "ForCausalLM" in type(small).__name__:
         with torch.no_grad():
             assert small.generate(IDS, max_new_tokens=5, do_sample=False, pad_token_id=0).shape == (2, 17)
+
+
+DECODERS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+            "mistral": ("MistralConfig", "MistralForCausalLM")}
+
+
+def _smollm_like(name, layers=4):
+    """A decoder shaped like SmolLM2 (9 query and 3 key-value heads, so hidden widths must stay multiples of 9)."""
+    config_name, model_name = DECODERS[name]
+    config = getattr(transformers, config_name)(vocab_size=100, hidden_size=144, intermediate_size=1536,
+                                                num_hidden_layers=layers, num_attention_heads=9,
+                                                num_key_value_heads=3, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def _widths(model):
+    return {(layer.self_attn.q_proj.out_features, layer.self_attn.k_proj.out_features, layer.mlp.up_proj.out_features)
+            for layer in model.model.layers}
+
+
+@pytest.mark.parametrize("options", [{"ratio": 0.3}, {"ratio": 0.3, "round_to": None},
+                                     {"target": {"params": 0.3}}, {"ratio": 0.3, "scope": "global"}],
+                         ids=["ratio", "exact", "target", "global"])
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_default_widths_are_ones_the_config_can_express(name, options, tmp_path):
+    model = _smollm_like(name)
+    small, report = sp.slim_with_report(model, (IDS,), **options)
+    assert report.verification.passed and report.params_after < 0.9 * report.params_before
+    assert len(_widths(small)) == 1, _widths(small)  # every decoder layer equally wide: one config describes them
+    assert small.config.hidden_size % small.config.num_attention_heads == 0  # what LlamaConfig validates on load
+    assert not any("from_pretrained" in note or "cannot describe" in note for note in report.graph.notes)
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, small(IDS).logits, rtol=0, atol=0)
+
+
+def test_uniform_blocks_false_lets_every_block_keep_its_own_width():
+    model = _smollm_like("llama")
+    uneven = sp.slim(model, (IDS,), 0.3, scope="global", hidden=False, uniform_blocks=False)
+    even = sp.slim(model, (IDS,), 0.3, scope="global", hidden=False)
+    assert len(_widths(uneven)) > 1 and len(_widths(even)) == 1
+    # the same number of units goes in total, up to one aligned step per kind of layer
+    assert abs(sp.count_parameters(even) - sp.count_parameters(uneven)) < 0.03 * sp.count_parameters(model)
+
+
+def test_a_target_the_uniform_steps_cannot_reach_lets_blocks_differ_and_says_so():
+    model = _smollm_like("llama", layers=2)
+    small, report = sp.slim_with_report(model, (IDS,), target={"params": 0.17}, hidden=False, round_to=None)
+    assert abs(1 - report.params_after / report.params_before - 0.17) <= 0.01
+    if len(_widths(small)) > 1:
+        assert any("different widths" in note for note in report.graph.notes)
+    with pytest.raises(sp.StructPruneError, match="cannot reach the target"):
+        sp.slim(model, (IDS,), target={"params": 0.17}, hidden=False, round_to=None, uniform_blocks=True,
+                attention="heads", ignore=["*mlp*"])

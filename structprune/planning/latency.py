@@ -380,7 +380,7 @@ def search_latency(planner: Planner, options: PlanOptions, target: float, *,
     deltas = -np.diff(predicted) / max(predicted[0], 1e-12)  # predicted share of the leaves' time each step saves
 
     def measure(k: int) -> float:
-        pruned = shrunk_copy(dg.model, dg, extend(planner, Plan(), moves[:k]).element_mask(dg))
+        pruned = shrunk_copy(dg.model, dg, extend(planner, options, Plan(), moves[:k]).element_mask(dg))
         return paired_ratio(pruned, dg.model, inputs.args, inputs.kwargs, pairs=pairs, precision=PRECISION)
 
     seen: Dict[int, float] = {0: 1.0}
@@ -415,4 +415,4 @@ def search_latency(planner: Planner, options: PlanOptions, target: float, *,
             f"cannot reach the latency target: removing {target:.1%} of the latency was asked, the closest plan "
             f"removes {1 - measured:.1%} (pruning everything prunable removes {1 - fastest:.1%}: the rest of the "
             f"time is in layers that cannot shrink, or in fixed overheads at this batch size)")
-    return extend(planner, Plan(), moves[:k]), 1 - measured
+    return extend(planner, options, Plan(), moves[:k]), 1 - measured

@@ -13,12 +13,17 @@ lets :func:`~structprune.planning.search.search_target` bisect on the ratio to h
   widths that are multiples of N. Every layer and every member tensor keeps at least one channel;
 - ``hidden=False`` keeps every group whose channels a LayerNorm/RMSNorm (or another statistic over
   channels) normalises: in a transformer that is the residual stream (the hidden size), so only
-  heads and feed-forward widths shrink.
+  heads and feed-forward widths shrink;
+- ``uniform_blocks`` (on by default for Hugging Face models) gives repeated blocks one width: the
+  groups whose member tensors have the same paths but for the block numbers (``model.layers.3.mlp``
+  and ``model.layers.7.mlp``) all drop the mean of what the plan gave them, each its own lowest units,
+  because one config field (``intermediate_size``, ``num_attention_heads``) describes them all.
 """
 from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -156,12 +161,15 @@ class Planner:
         if pooled:
             for (layer, _), drop in zip(pooled, self._global(pooled, options)):
                 chosen.setdefault(layer.group.id, []).append(self._rounded(layer, drop, options))
-        return self.assemble(chosen)
+        return self.assemble(chosen, options)
 
-    def assemble(self, chosen: Dict[int, List[np.ndarray]]) -> Plan:
-        """The plan dropping, per group id, the union of the given unit arrays; every group keeps at
-        least one unit and every member tensor at least one channel."""
+    def assemble(self, chosen: Dict[int, List[np.ndarray]], options: PlanOptions) -> Plan:
+        """The plan dropping, per group id, the union of the given unit arrays (the same number in every
+        repeated block with ``uniform_blocks``); every group keeps at least one unit and every member tensor
+        at least one channel."""
         plan = Plan()
+        if self.uniform_blocks(options):
+            chosen = self._equalize_blocks(chosen, options)
         for gid, parts in chosen.items():
             group, scores = self.dg.groups[gid], self.scores[gid]
             drop = np.unique(np.concatenate(parts)).astype(np.int64)
@@ -172,6 +180,49 @@ class Planner:
             if drop.size:
                 plan.drops[gid] = drop
         return plan
+
+    def uniform_blocks(self, options: PlanOptions) -> bool:
+        """Do repeated blocks keep one width? By default for Hugging Face models (they have ``save_pretrained``
+        and a ``config``, which holds one width per kind of layer)."""
+        if options.uniform_blocks is not None:
+            return options.uniform_blocks
+        model = self.dg.model
+        return getattr(model, "config", None) is not None and callable(getattr(model, "save_pretrained", None))
+
+    def repeated_blocks(self, options: PlanOptions) -> List[List[_Layer]]:
+        """The layers in play that repeat across blocks, by kind: layers of single-layer groups whose member
+        tensors have the same paths once block numbers are blanked out and the same number of units."""
+        kinds: Dict[Tuple[Any, ...], List[_Layer]] = {}
+        per_group: Dict[int, int] = {}
+        in_play = self.layers_in_play(options)
+        for layer in in_play:
+            per_group[layer.group.id] = per_group.get(layer.group.id, 0) + 1
+        for layer in in_play:
+            if per_group[layer.group.id] == 1:
+                paths = sorted({(_BLOCK_NUMBER.sub(".#.", f".{space.tensor}."), space.dim)
+                                for space in layer.group.spaces})
+                kinds.setdefault((tuple(paths), layer.group.n_units), []).append(layer)
+        return [layers for layers in kinds.values() if len(layers) > 1]
+
+    def _equalize_blocks(self, chosen: Dict[int, List[np.ndarray]], options: PlanOptions
+                         ) -> Dict[int, List[np.ndarray]]:
+        """Every repeated layer drops the same number of units: the mean of what ``chosen`` drops from them,
+        to the nearest aligned step, each its own lowest-scoring units. A kind where some layer cannot drop
+        that many (ignored or frozen units) is left as chosen."""
+        chosen = dict(chosen)
+        for layers in self.repeated_blocks(options):
+            counts = [len(np.unique(np.concatenate(chosen[layer.group.id]))) if layer.group.id in chosen else 0
+                      for layer in layers]
+            step = max(self.step_of(layers[0], options), 1)
+            n_drop = int(round(float(np.mean(counts)) / step)) * step
+            n_drop = min(n_drop, layers[0].width - step)
+            if n_drop == 0 and not any(counts):
+                continue
+            if any(len(layer.units) < n_drop for layer in layers):
+                continue
+            for layer in layers:
+                chosen[layer.group.id] = [self._lowest(layer, n_drop)]
+        return chosen
 
     def _lowest(self, layer: _Layer, n: int) -> np.ndarray:
         scores = self.scores[layer.group.id][layer.units]
@@ -211,19 +262,32 @@ class Planner:
         """How many *units* the layer's width moves by: ``round_to`` channels (``"auto"``: the width the
         hardware runs well for the layer's original width, see :func:`~structprune.planning.hardware.alignment`),
         fewer units where one unit spans several channels (an attention head of 64 channels needs no rounding
-        to 8)."""
+        to 8). A multiple the model's config demands of the width comes on top (:meth:`config_multiple`)."""
         round_to = options.round_to
-        if not isinstance(round_to, str):
-            step = (round_to or 1) // math.gcd(round_to or 1, layer.channels_per_unit)
-            return step if layer.width > step else 1
+        demanded = self.config_multiple(layer)
         original = (options.reference_widths or {}).get(layer.name) or layer.width
-        channels = alignment(original * layer.channels_per_unit, self.device, self.dtype)
-        # units spanning several channels (a grouped conv's channel in every group) need fewer units per step,
-        # but never a step over an eighth of the layer: halve the alignment until it fits
-        while channels > 1 and channels // math.gcd(channels, layer.channels_per_unit) > max(original // 8, 1):
-            channels //= 2
-        step = channels // math.gcd(channels, layer.channels_per_unit)
+        if not isinstance(round_to, str):
+            channels = math.lcm(round_to or 1, demanded)
+        else:
+            channels = alignment(original * layer.channels_per_unit, self.device, self.dtype)
+            # units spanning several channels (a grouped conv's channel in every group) need fewer units per step,
+            # but never a step over an eighth of the layer: halve the alignment until it fits
+            while channels > 1 and _units(math.lcm(channels, demanded), layer) > max(original // 8, 1):
+                channels //= 2
+            channels = math.lcm(channels, demanded)
+        step = _units(channels, layer)
         return step if layer.width > step else 1
+
+    def config_multiple(self, layer: _Layer) -> int:
+        """The multiple of channels a Hugging Face config demands of this layer's width: the residual stream
+        (a normalised group as wide as ``config.hidden_size``) must stay a multiple of
+        ``config.num_attention_heads``, which LLaMA's config validates on load (1: no demand)."""
+        model = self.dg.model
+        config = getattr(model, "config", None) if callable(getattr(model, "save_pretrained", None)) else None
+        hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+        if not isinstance(hidden, int) or not isinstance(heads, int) or heads < 1 or layer.group.exact:
+            return 1
+        return heads if layer.width * layer.channels_per_unit == hidden else 1
 
     def _rounded(self, layer: _Layer, drop: np.ndarray, options: PlanOptions) -> np.ndarray:
         """Adjust ``drop`` so the layer keeps a multiple of ``round_to`` *channels* (nearest, at least one
@@ -236,6 +300,14 @@ class Planner:
         target = max(step, int(round(keep / step)) * step)
         n_drop = min(max(layer.width - target, 0), len(layer.units), layer.width - 1)
         return self._lowest(layer, n_drop) if n_drop != len(drop) else drop
+
+
+def _units(channels: int, layer: _Layer) -> int:
+    """Units of ``layer`` that make up a multiple of ``channels`` channels."""
+    return channels // math.gcd(channels, layer.channels_per_unit)
+
+
+_BLOCK_NUMBER = re.compile(r"\.\d+\.")  # a module path's block number: "layers.3." in "model.layers.3.mlp"
 
 
 def _keep_every_space_alive(group: Group, drop: np.ndarray, scores: np.ndarray) -> np.ndarray:

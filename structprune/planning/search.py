@@ -13,6 +13,7 @@ scope implies, bisecting on how many, until the target is met.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass
@@ -92,18 +93,36 @@ def increments(planner: Planner, options: PlanOptions, start: Plan) -> List[Incr
     return sorted(steps, key=lambda inc: inc.order)
 
 
-def extend(planner: Planner, start: Plan, steps: Sequence[Increment]) -> Plan:
+def extend(planner: Planner, options: PlanOptions, start: Plan, steps: Sequence[Increment]) -> Plan:
     """``start`` with the given steps removed as well."""
     chosen: Dict[int, List[np.ndarray]] = {gid: [units] for gid, units in start.drops.items()}
     for inc in steps:
         chosen.setdefault(inc.group_id, []).append(inc.units)
-    return planner.assemble(chosen)
+    return planner.assemble(chosen, options)
 
 
 def search_target(planner: Planner, options: PlanOptions, removed_fraction: Callable[[Plan], float],
                   target: float, steps: int = 24) -> Tuple[Plan, float]:
     """The plan whose ``removed_fraction`` is closest to ``target`` (within :data:`ACCEPTED`), and that
-    fraction; raises :class:`StructPruneError` when no plan gets that close."""
+    fraction; raises :class:`StructPruneError` when no plan gets that close.
+
+    Repeated blocks keep one width by default on Hugging Face models (``uniform_blocks``); where those
+    coarser steps cannot land within :data:`ACCEPTED` (a small model with few blocks), the search lets
+    blocks differ and says so in the graph's notes, unless ``uniform_blocks=True`` was asked for."""
+    try:
+        return _search(planner, options, removed_fraction, target, steps)
+    except StructPruneError:
+        if options.uniform_blocks is not None or not planner.uniform_blocks(options):
+            raise
+    plan, achieved = _search(planner, dataclasses.replace(options, uniform_blocks=False), removed_fraction,
+                             target, steps)
+    planner.dg.notes.append(f"repeated blocks were given different widths: with one width per kind of block the "
+                            f"closest plan misses the target of {target:.1%} by more than {ACCEPTED:.0%}")
+    return plan, achieved
+
+
+def _search(planner: Planner, options: PlanOptions, removed_fraction: Callable[[Plan], float],
+            target: float, steps: int) -> Tuple[Plan, float]:
     low, high = 0.0, 1.0
     best: Tuple[float, Plan, float] = (math.inf, Plan(), 0.0)
     short: Tuple[float, Plan] = (0.0, Plan())  # the plan removing most while still short of the target
@@ -137,7 +156,7 @@ def _refine(planner: Planner, options: PlanOptions, removed_fraction: Callable[[
         low, high = 0, len(order)  # the first ``low`` steps stay short of the target
         while low < high:
             middle = (low + high + 1) // 2
-            plan = extend(planner, start, order[:middle])
+            plan = extend(planner, options, start, order[:middle])
             achieved = removed_fraction(plan)
             if abs(achieved - target) < best[0]:
                 best = (abs(achieved - target), plan, achieved)
@@ -146,6 +165,6 @@ def _refine(planner: Planner, options: PlanOptions, removed_fraction: Callable[[
             low, high = (middle, high) if achieved < target else (low, middle - 1)
         if low >= len(order):
             break
-        start, overshooting = extend(planner, start, order[:low]), order[low].layer
+        start, overshooting = extend(planner, options, start, order[:low]), order[low].layer
         order = [inc for inc in order[low + 1:] if inc.layer != overshooting]
     return best
