@@ -9,6 +9,7 @@ how important (:func:`register_criterion`, :func:`list_criteria`), how much and 
 when (:class:`Pruner`, :class:`SoftPruner`, :class:`LotteryTicket`, :func:`regularizer`), at which
 granularity (:func:`sparsify` and the masks), and around the engine (save/load, reports, metrics).
 """
+from .depth import DepthReport, block_influence, remove_blocks, residual_blocks
 from .errors import (
                      ExampleInputError,
                      InvalidModelError,
@@ -48,12 +49,13 @@ from .workflows import Iterative, LotteryTicket, OneShot, Pruner, SoftPruner, St
 __version__ = "0.1.0"
 
 __all__ = [  # sorted
-    "Criterion", "DependencyGraph", "ExampleInputError", "Granularity", "Group", "InvalidModelError",
+    "Criterion", "DependencyGraph", "DepthReport", "ExampleInputError", "Granularity", "Group", "InvalidModelError",
     "InvalidOptionError", "InvalidRatioError", "Iterative", "LoadError", "LotteryTicket", "Mask", "OneShot", "OpSpec",
     "Options", "Plan", "PlanOptions", "Planner", "PruneOptions", "Pruner", "PruningSession", "Report", "RuleContext",
     "ScoreOptions", "ScoringContext", "SlimReport", "SoftPruner", "SparsityReport", "Step", "StructPruneError",
-    "TraceError", "TraceOptions", "VerificationError", "VerificationResult", "apply_masks", "count_macs",
-    "count_parameters", "get_criterion", "latency_ms", "list_criteria", "list_granularities", "list_ops", "load",
-    "register_criterion", "register_granularity", "register_size_attribute", "regularizer", "remove_masks", "report",
-    "rule", "save", "slim", "slim_with_report", "sparsify", "sparsity_report", "to_semi_structured", "updater",
+    "TraceError", "TraceOptions", "VerificationError", "VerificationResult", "apply_masks", "block_influence",
+    "count_macs", "count_parameters", "get_criterion", "latency_ms", "list_criteria", "list_granularities", "list_ops",
+    "load", "register_criterion", "register_granularity", "register_size_attribute", "regularizer", "remove_blocks",
+    "remove_masks", "report", "residual_blocks", "rule", "save", "slim", "slim_with_report", "sparsify",
+    "sparsity_report", "to_semi_structured", "updater",
 ]
