@@ -16,6 +16,13 @@ perplexity, the greedy answer to a chat question, and the pruning wall time. Res
 
     python benchmarks/llm_quality.py [--configs l2,random,taylor] [--fractions 0.2]
                                      [--calibration 16] [--eval-sequences 32] [--out PATH]
+                                     [--distill-minutes 20] [--distill-lr 2e-4]
+
+``depth`` as a configuration removes whole decoder layers (as many as come closest to the fraction of
+parameters, least block influence first) instead of widths. With ``--distill-minutes`` every pruned
+model is then distilled from the dense one (``structprune.distill``, at most that wall time) on
+about 400,000 tokens of the other standard-library modules, and measured again; the process's peak
+memory is recorded. Results and conclusions: ``docs/llm.md``.
 
 A configuration is a criterion name, optionally with extra ``slim`` keywords after a colon:
 ``--configs "l2,l2:compensate=False,wanda"``. Names are passed to structprune as they are. The module
@@ -29,6 +36,7 @@ import ast
 import importlib.util
 import json
 import platform
+import resource
 import sysconfig
 import time
 import warnings
@@ -205,14 +213,15 @@ def parse_configs(text: str) -> List[Tuple[str, Dict[str, Any]]]:
     return [parse_config(item) for item in items if item.strip()]
 
 
-def prune_and_measure(model: nn.Module, tokenizer: Any, criterion: str, fraction: float,
-                      calibration: List[torch.Tensor], held_out: torch.Tensor, dense_ppl: float,
-                      extra: Optional[Dict[str, Any]] = None, max_new_tokens: int = 20,
-                      question: str = QUESTION) -> Dict[str, Any]:
-    """Prune ``fraction`` of the parameters of ``model`` (a copy; heads and feed-forward widths) with
-    ``criterion`` and the calibration data, verify it, and measure the pruned model's quality."""
+def prune(model: nn.Module, criterion: str, fraction: float, calibration: List[torch.Tensor],
+          extra: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """A copy of ``model`` with ``fraction`` of its parameters removed (heads and feed-forward widths) by
+    ``criterion`` on the calibration data, verified; and what the pruning did. ``criterion="depth"``
+    removes whole decoder layers instead (:func:`remove_depth`)."""
     import structprune as sp
 
+    if criterion == "depth":
+        return remove_depth(model, fraction, calibration)
     options: Dict[str, Any] = {"target": {"params": fraction}, "criterion": criterion, "data": calibration,
                                "hidden": False, "verify": True}
     if criterion == "taylor":
@@ -221,14 +230,81 @@ def prune_and_measure(model: nn.Module, tokenizer: Any, criterion: str, fraction
     start = time.perf_counter()
     small, report = sp.slim_with_report(model, calibration[0], **options)
     prune_s = time.perf_counter() - start
-    ppl = perplexity(small, held_out)
     verdict = report.verification
-    return {"criterion": criterion, "fraction": fraction, "options": extra or {},
-            "params_before": report.params_before, "params_after": report.params_after,
-            "params_removed": round(1 - report.params_after / report.params_before, 4),
-            "perplexity": round(ppl, 3), "perplexity_ratio": round(ppl / dense_ppl, 3),
-            "answer": answers(small, tokenizer, question, max_new_tokens), "prune_s": round(prune_s, 1),
-            "verification": None if verdict is None else str(verdict), "widths": layer_widths(small)}
+    return small, {"criterion": criterion, "fraction": fraction, "options": extra or {},
+                   "params_before": report.params_before, "params_after": report.params_after,
+                   "params_removed": round(1 - report.params_after / report.params_before, 4),
+                   "prune_s": round(prune_s, 1), "verification": None if verdict is None else str(verdict)}
+
+
+def remove_depth(model: nn.Module, fraction: float,
+                 calibration: List[torch.Tensor]) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Remove the decoder layers of least block influence (measured on the calibration data), as many as
+    come closest to ``fraction`` of the parameters."""
+    import structprune as sp
+
+    start = time.perf_counter()
+    layers = getattr(model, "model").layers
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    total = sum(p.numel() for p in model.parameters())
+    count = max(1, min(len(layers) - 1, round(fraction * total / per_layer)))
+    small, report = sp.remove_blocks(model, calibration[0], n=count, data=calibration)
+    prune_s = time.perf_counter() - start
+    return small, {"criterion": "depth", "fraction": fraction, "options": {"layers_removed": count},
+                   "params_before": report.params_before, "params_after": report.params_after,
+                   "params_removed": round(1 - report.params_after / report.params_before, 4),
+                   "prune_s": round(prune_s, 1), "removed_layers": list(report.removed),
+                   "verification": "output shapes" if report.verified else None}
+
+
+def measure(model: nn.Module, tokenizer: Any, held_out: torch.Tensor, dense_ppl: float,
+            max_new_tokens: int = 20, question: str = QUESTION) -> Dict[str, Any]:
+    """Held-out perplexity (and its ratio to the dense model's) and the greedy chat answer."""
+    ppl = perplexity(model, held_out)
+    return {"perplexity": round(ppl, 3), "perplexity_ratio": round(ppl / dense_ppl, 3),
+            "answer": answers(model, tokenizer, question, max_new_tokens)}
+
+
+def prune_and_measure(model: nn.Module, tokenizer: Any, criterion: str, fraction: float,
+                      calibration: List[torch.Tensor], held_out: torch.Tensor, dense_ppl: float,
+                      extra: Optional[Dict[str, Any]] = None, max_new_tokens: int = 20,
+                      question: str = QUESTION) -> Dict[str, Any]:
+    """:func:`prune`, then :func:`measure` the pruned model; one result row."""
+    small, row = prune(model, criterion, fraction, calibration, extra)
+    return {**row, **measure(small, tokenizer, held_out, dense_ppl, max_new_tokens, question),
+            "widths": layer_widths(small)}
+
+
+# ---- recovery --------------------------------------------------------------------------------------------------
+def training_batches(tokenizer: Any, n_tokens: int, length: int = SEQUENCE_LENGTH, batch_size: int = 8,
+                     seed: int = 0) -> List[torch.Tensor]:
+    """About ``n_tokens`` of distillation text as ``[batch_size, length]`` batches: standard-library
+    modules other than :data:`EVALUATION_FILES` (``pydoc_data/topics.py``, English prose about Python,
+    among them), files in a seeded order, sequences shuffled."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    held_out = {stdlib / name for name in EVALUATION_FILES}
+    files = sorted(p for p in stdlib.rglob("*.py") if p not in held_out and "site-packages" not in p.parts)
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+    ids: List[int] = []
+    for index in order:
+        if len(ids) >= n_tokens:
+            break
+        text = files[index].read_text(encoding="utf-8", errors="replace") + "\n\n"
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    rows = sequences(torch.tensor(ids[:n_tokens], dtype=torch.long), length)
+    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 1))]
+    return [rows[i:i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
+
+
+def recover(small: nn.Module, teacher: nn.Module, batches: List[torch.Tensor], minutes: float,
+            lr: float) -> Dict[str, Any]:
+    """Distil ``teacher`` into ``small`` (in place) for at most ``minutes`` of wall time."""
+    import structprune as sp
+
+    result = sp.distill(small, teacher, batches, steps=len(batches), lr=lr, max_seconds=60 * minutes)
+    small.eval()
+    return {"steps": result.steps, "tokens": result.steps * batches[0].numel(), "seconds": round(result.seconds),
+            "lr": lr, "first_loss": round(result.losses[0], 4), "final_loss": round(result.final_loss, 4)}
 
 
 def timed(function: Callable[..., Any], *args: Any) -> Tuple[Any, float]:
@@ -249,6 +325,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--question", default=QUESTION)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="calibration draw and the random criterion")
+    parser.add_argument("--distill-minutes", type=float, default=0.0,
+                        help="distil the dense model into each pruned one for this many minutes (default: none)")
+    parser.add_argument("--distill-lr", type=float, default=2e-4, help="distillation learning rate (AdamW)")
+    parser.add_argument("--distill-tokens", type=int, default=400_000,
+                        help="distillation text: this many tokens of standard-library source (default %(default)s)")
+    parser.add_argument("--distill-batch", type=int, default=8, help="sequences per distillation step")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output (default %(default)s)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -265,22 +347,34 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(f"dense: perplexity {dense_ppl:.3f}; answer {dense_answer!r}", flush=True)
 
     rows: List[Dict[str, Any]] = []
+    training: List[torch.Tensor] = []
     for fraction in args.fractions:
         for criterion, extra in args.configs:
             extra = {"seed": args.seed, **extra} if criterion == "random" else extra
             try:
-                row = prune_and_measure(model, tokenizer, criterion, fraction, calibration, held_out, dense_ppl,
-                                        extra, args.max_new_tokens, args.question)
-            except Exception as error:  # one failing configuration (e.g. a criterion not there yet) is reported
-                row = {"criterion": criterion, "fraction": fraction, "options": extra,
-                       "error": f"{type(error).__name__}: {error}"}
-                print(f"{criterion} {extra or ''} at {fraction:.0%}: {row['error']}", flush=True)
-            else:
+                small, row = prune(model, criterion, fraction, calibration, extra)
+                row.update(measure(small, tokenizer, held_out, dense_ppl, args.max_new_tokens, args.question))
+                row["widths"] = layer_widths(small)
                 print(f"{criterion} {extra or ''} at {fraction:.0%}: removed {row['params_removed']:.1%} of params, "
                       f"perplexity {row['perplexity']:.3f} ({row['perplexity_ratio']:.2f}x dense), "
                       f"answer {row['answer']!r}, pruned in {row['prune_s']:.0f} s; feed-forward widths "
                       f"{sorted(set(row['widths']['ffn']))}, query heads {sorted(set(row['widths']['query_heads']))}",
                       flush=True)
+                if args.distill_minutes > 0:
+                    training = training or training_batches(tokenizer, args.distill_tokens, args.length,
+                                                            args.distill_batch, args.seed)
+                    row["distilled"] = recover(small, model, training, args.distill_minutes, args.distill_lr)
+                    row["distilled"].update(measure(small, tokenizer, held_out, dense_ppl, args.max_new_tokens,
+                                                    args.question))
+                    after = row["distilled"]
+                    print(f"  after {after['steps']} distillation steps ({after['tokens']:,} tokens, "
+                          f"{after['seconds']} s): perplexity {after['perplexity']:.3f} "
+                          f"({after['perplexity_ratio']:.2f}x dense), answer {after['answer']!r}", flush=True)
+                del small
+            except Exception as error:  # one failing configuration (e.g. a criterion not there yet) is reported
+                row = {"criterion": criterion, "fraction": fraction, "options": extra,
+                       "error": f"{type(error).__name__}: {error}"}
+                print(f"{criterion} {extra or ''} at {fraction:.0%}: {row['error']}", flush=True)
             rows.append(row)
 
     result = {"model": f"{PACKAGE}/{GGUF_FILE} (float32)", "params": params, "sequence_length": args.length,
@@ -288,7 +382,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               "evaluation_files": list(EVALUATION_FILES), "evaluation_sequences": args.eval_sequences,
               "question": args.question, "load_s": round(load_s, 1), "perplexity_s": round(ppl_s, 1),
               "dense": {"perplexity": round(dense_ppl, 3), "answer": dense_answer, "widths": layer_widths(model)},
-              "rows": rows,
+              "distillation": {"minutes": args.distill_minutes, "lr": args.distill_lr,
+                               "tokens": args.distill_tokens, "batch": args.distill_batch,
+                               "text": "standard-library .py files except the evaluation files"},
+              "rows": rows, "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

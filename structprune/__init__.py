@@ -44,18 +44,19 @@ from .tools.io import load, save
 from .tools.metrics import count_macs, count_parameters, latency_ms
 from .tools.report import Report, report
 from .verify import VerificationResult
-from .workflows import Iterative, LotteryTicket, OneShot, Pruner, SoftPruner, Step, regularizer
+from .workflows import DistillResult, Iterative, LotteryTicket, OneShot, Pruner, SoftPruner, Step, distill, regularizer
 
 __version__ = "0.1.0"
 
 __all__ = [  # sorted
-    "Criterion", "DependencyGraph", "DepthReport", "ExampleInputError", "Granularity", "Group", "InvalidModelError",
-    "InvalidOptionError", "InvalidRatioError", "Iterative", "LoadError", "LotteryTicket", "Mask", "OneShot", "OpSpec",
-    "Options", "Plan", "PlanOptions", "Planner", "PruneOptions", "Pruner", "PruningSession", "Report", "RuleContext",
-    "ScoreOptions", "ScoringContext", "SlimReport", "SoftPruner", "SparsityReport", "Step", "StructPruneError",
-    "TraceError", "TraceOptions", "VerificationError", "VerificationResult", "apply_masks", "block_influence",
-    "count_macs", "count_parameters", "get_criterion", "latency_ms", "list_criteria", "list_granularities", "list_ops",
-    "load", "register_criterion", "register_granularity", "register_size_attribute", "regularizer", "remove_blocks",
-    "remove_masks", "report", "residual_blocks", "rule", "save", "slim", "slim_with_report", "sparsify",
-    "sparsity_report", "to_semi_structured", "updater",
+    "Criterion", "DependencyGraph", "DepthReport", "DistillResult", "ExampleInputError", "Granularity", "Group",
+    "InvalidModelError", "InvalidOptionError", "InvalidRatioError", "Iterative", "LoadError", "LotteryTicket",
+    "Mask", "OneShot", "OpSpec", "Options", "Plan", "PlanOptions", "Planner", "PruneOptions", "Pruner",
+    "PruningSession", "Report", "RuleContext", "ScoreOptions", "ScoringContext", "SlimReport", "SoftPruner",
+    "SparsityReport", "Step", "StructPruneError", "TraceError", "TraceOptions", "VerificationError",
+    "VerificationResult", "apply_masks", "block_influence", "count_macs", "count_parameters", "distill",
+    "get_criterion", "latency_ms", "list_criteria", "list_granularities", "list_ops", "load", "register_criterion",
+    "register_granularity", "register_size_attribute", "regularizer", "remove_blocks", "remove_masks", "report",
+    "residual_blocks", "rule", "save", "slim", "slim_with_report", "sparsify", "sparsity_report",
+    "to_semi_structured", "updater",
 ]

@@ -59,3 +59,14 @@ def slim_exact(model, x, ratio=0.5, **kwargs):
 def outputs(model, x):
     with torch.no_grad():
         return model(*x) if isinstance(x, tuple) else model(x)
+
+
+def tiny_llama(layers: int = 2, vocab: int = 100, **config):
+    """A randomly initialised LlamaForCausalLM small enough for unit tests (64 wide, 4 query / 2 key-value
+    heads), in eval mode; ``config`` overrides any LlamaConfig field."""
+    import transformers
+
+    torch.manual_seed(0)
+    settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=vocab)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **config})).eval()

@@ -10,6 +10,7 @@ import torch.nn as nn
 import structprune as sp
 from structprune.scoring.activations import ActivationCollector
 from structprune.scoring.criteria import ScoringContext, get_criterion
+from tests.helpers import tiny_llama
 
 
 class MLP(nn.Module):
@@ -117,11 +118,9 @@ def test_activation_criteria_without_data_say_what_to_do(setup):
 
 
 def test_activation_criteria_prune_a_llama_with_token_batches_and_verification():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(layers=2)
     data = [torch.randint(0, 100, (2, 16)) for _ in range(2)]
     for criterion in ("wanda", "flap"):
         small, report = sp.slim_with_report(model, data[0], 0.3, criterion=criterion, data=data)
@@ -130,13 +129,11 @@ def test_activation_criteria_prune_a_llama_with_token_batches_and_verification()
 
 
 def test_pruning_a_language_model_by_weights_alone_warns_and_says_how_to_pass_data():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     import warnings
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(layers=1)
     tokens = torch.randint(0, 100, (1, 8))
     with pytest.warns(UserWarning, match=r"weights alone .* data=\[tokens"):
         sp.slim(model, tokens, 0.3, hidden=False)

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import structprune as sp
+from tests.helpers import tiny_llama
 
 
 class PositiveMLP(nn.Module):
@@ -92,11 +93,9 @@ def test_convolutions_are_compensated_only_where_a_constant_input_stays_constant
 
 
 def test_a_llama_gets_biases_its_config_can_express_and_the_caller_keeps_its_own():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(layers=2)
     data = [torch.randint(0, 100, (2, 16)) for _ in range(3)]
     small, report = sp.slim_with_report(model, data[0], 0.3, criterion="flap", data=data, hidden=False)
     assert report.verification is not None and report.verification.passed
@@ -110,9 +109,7 @@ def test_a_llama_gets_biases_its_config_can_express_and_the_caller_keeps_its_own
 def test_a_compensated_llama_survives_save_pretrained_and_from_pretrained(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(layers=2)
     data = [torch.randint(0, 100, (2, 16)) for _ in range(3)]
     small = sp.slim(model, data[0], 0.3, criterion="flap", data=data, hidden=False, attention="heads",
                     ignore=["*self_attn*"])

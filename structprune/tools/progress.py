@@ -5,8 +5,8 @@ import sys
 from typing import Any, Optional
 
 
-def progress_bar(total: int, desc: str) -> Optional[Any]:
-    """A tqdm bar on stderr, or None when tqdm is not installed."""
+def progress_bar(total: Optional[int], desc: str) -> Optional[Any]:
+    """A tqdm bar on stderr (``total`` None: a counter without an end), or None when tqdm is not installed."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # progress bars are a nicety, not a dependency

@@ -1,7 +1,10 @@
-"""When and how often to prune: schedules, soft pruning, lottery tickets, sparsity regularisers."""
+"""When and how often to prune, and recovering afterwards: schedules, soft pruning, lottery tickets, sparsity
+regularisers, distillation."""
+from .distill import DistillResult, distill
 from .lottery import LotteryTicket
 from .regularizers import regularizer
 from .schedules import Iterative, OneShot, Pruner, Step
 from .soft import SoftPruner, zero_channels
 
-__all__ = ["Iterative", "LotteryTicket", "OneShot", "Pruner", "SoftPruner", "Step", "regularizer", "zero_channels"]
+__all__ = ["DistillResult", "Iterative", "LotteryTicket", "OneShot", "Pruner", "SoftPruner", "Step", "distill",
+           "regularizer", "zero_channels"]
