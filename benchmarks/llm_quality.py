@@ -296,6 +296,26 @@ def training_batches(tokenizer: Any, n_tokens: int, length: int = SEQUENCE_LENGT
     return [rows[i:i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
 
 
+def chat_batches(model: nn.Module, tokenizer: Any, n_sequences: int, length: int = SEQUENCE_LENGTH,
+                 batch_size: int = 8, seed: int = 0) -> List[torch.Tensor]:
+    """``n_sequences`` chat turns the dense ``model`` writes itself (sampled at temperature 1, top-p 0.95,
+    from nothing but the start of a user turn), as ``[batch_size, length]`` batches: distillation text that
+    exercises what a chat model knows, with no dataset (a question and the model's answer, usually)."""
+    generate: Callable[..., torch.Tensor] = getattr(model, "generate")
+    start = torch.tensor([tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"]])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    batches = []
+    for _ in range(n_sequences // batch_size):
+        prompt = start.expand(batch_size, -1)
+        with torch.no_grad():
+            out = generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
+                           top_p=0.95, min_new_tokens=length - prompt.shape[1],
+                           max_new_tokens=length - prompt.shape[1], pad_token_id=pad)
+        batches.append(out[:, :length])
+    return batches
+
+
 def recover(small: nn.Module, teacher: nn.Module, batches: List[torch.Tensor], minutes: float,
             lr: float) -> Dict[str, Any]:
     """Distil ``teacher`` into ``small`` (in place) for at most ``minutes`` of wall time."""
@@ -331,6 +351,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--distill-tokens", type=int, default=400_000,
                         help="distillation text: this many tokens of standard-library source (default %(default)s)")
     parser.add_argument("--distill-batch", type=int, default=8, help="sequences per distillation step")
+    parser.add_argument("--distill-chat", type=int, default=0,
+                        help="mix in this many chat turns sampled from the dense model (default: none)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output (default %(default)s)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -348,6 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     rows: List[Dict[str, Any]] = []
     training: List[torch.Tensor] = []
+    chat_s = 0.0
     for fraction in args.fractions:
         for criterion, extra in args.configs:
             extra = {"seed": args.seed, **extra} if criterion == "random" else extra
@@ -361,8 +384,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                       f"{sorted(set(row['widths']['ffn']))}, query heads {sorted(set(row['widths']['query_heads']))}",
                       flush=True)
                 if args.distill_minutes > 0:
-                    training = training or training_batches(tokenizer, args.distill_tokens, args.length,
-                                                            args.distill_batch, args.seed)
+                    if not training:
+                        training = training_batches(tokenizer, args.distill_tokens, args.length, args.distill_batch,
+                                                    args.seed)
+                        chat, chat_s = timed(chat_batches, model, tokenizer, args.distill_chat, args.length,
+                                             args.distill_batch, args.seed)
+                        training = [b for pair in zip(chat, training) for b in pair] + training[len(chat):]
                     row["distilled"] = recover(small, model, training, args.distill_minutes, args.distill_lr)
                     row["distilled"].update(measure(small, tokenizer, held_out, dense_ppl, args.max_new_tokens,
                                                     args.question))
@@ -384,7 +411,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               "dense": {"perplexity": round(dense_ppl, 3), "answer": dense_answer, "widths": layer_widths(model)},
               "distillation": {"minutes": args.distill_minutes, "lr": args.distill_lr,
                                "tokens": args.distill_tokens, "batch": args.distill_batch,
-                               "text": "standard-library .py files except the evaluation files"},
+                               "text": "standard-library .py files except the evaluation files",
+                               "chat_sequences_from_dense_model": args.distill_chat,
+                               "chat_generation_s": round(chat_s, 1)},
               "rows": rows, "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -287,3 +287,26 @@ def test_a_target_the_uniform_steps_cannot_reach_lets_blocks_differ_and_says_so(
     with pytest.raises(sp.StructPruneError, match="cannot reach the target"):
         sp.slim(model, (IDS,), target={"params": 0.17}, hidden=False, round_to=None, uniform_blocks=True,
                 attention="heads", ignore=["*mlp*"])
+
+
+VISION_BASES = {
+    "ConvNextModel": lambda: transformers.ConvNextModel(transformers.ConvNextConfig(
+        depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128])),
+    "ResNetModel": lambda: transformers.ResNetModel(transformers.ResNetConfig(
+        depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128], embedding_size=16)),
+    "MobileNetV2Model": lambda: transformers.MobileNetV2Model(transformers.MobileNetV2Config(
+        depth_multiplier=0.35, image_size=64)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VISION_BASES))
+def test_hugging_face_vision_base_models_without_input_embeddings_prune(name):
+    """Their inherited get_input_embeddings raises NotImplementedError: a model without one is pruned
+    like any other (it used to crash after shrinking, when the configs were refreshed)."""
+    torch.manual_seed(0)
+    model = VISION_BASES[name]().eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    small, report = sp.slim_with_report(model, x, 0.3)
+    assert report.verification is not None and report.verification.passed, report.verification
+    assert report.params_after <= 0.8 * report.params_before
+    assert small(x).pooler_output.shape == model(x).pooler_output.shape

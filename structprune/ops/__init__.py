@@ -19,6 +19,7 @@ from . import (  # noqa: F401
                norm,
                permute,
                queries,
+               recurrent,
                reduction,
                reshape,
                spatial,

@@ -73,11 +73,21 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
                 # candidates only: a config field is rewritten below when its value equals such an old width
                 if old_shape[out] != new_shape[out]:
                     facts["ffn"].append((old_shape[out], new_shape[out]))
-    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    embeddings = _input_embeddings(model)
     # the input embedding is the width ``hidden_size`` names: it overrides what other embeddings reported
     if isinstance(embeddings, nn.Embedding) and embeddings in old_shapes:
         facts["hidden"] = [(old_shapes[embeddings]["weight"][1], embeddings.weight.shape[1])]
     return notes + _refresh_configs(model, facts) + reload_note(model)
+
+
+def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    """The model's input embedding where it has one: Hugging Face vision models (ConvNeXt, ResNet,
+    MobileNetV2) inherit ``get_input_embeddings`` and raise ``NotImplementedError`` from it."""
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        return getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]]) -> List[str]:
