@@ -265,16 +265,6 @@ def measure(model: nn.Module, tokenizer: Any, held_out: torch.Tensor, dense_ppl:
             "answer": answers(model, tokenizer, question, max_new_tokens)}
 
 
-def prune_and_measure(model: nn.Module, tokenizer: Any, criterion: str, fraction: float,
-                      calibration: List[torch.Tensor], held_out: torch.Tensor, dense_ppl: float,
-                      extra: Optional[Dict[str, Any]] = None, max_new_tokens: int = 20,
-                      question: str = QUESTION) -> Dict[str, Any]:
-    """:func:`prune`, then :func:`measure` the pruned model; one result row."""
-    small, row = prune(model, criterion, fraction, calibration, extra)
-    return {**row, **measure(small, tokenizer, held_out, dense_ppl, max_new_tokens, question),
-            "widths": layer_widths(small)}
-
-
 # ---- recovery --------------------------------------------------------------------------------------------------
 def training_batches(tokenizer: Any, n_tokens: int, length: int = SEQUENCE_LENGTH, batch_size: int = 8,
                      seed: int = 0) -> List[torch.Tensor]:

@@ -86,8 +86,8 @@ def recurrent_module(ctx: RuleContext, node):
         previous = current
     assert previous is not None
     # one hidden_size (and proj_size) serves every layer and direction: unit j goes from all of them
-    units = _couple_all(ctx, units_of, hidden)
-    outputs = _couple_all(ctx, outputs_of, proj or hidden)
+    units = ctx.unify_all(units_of, hidden)
+    outputs = ctx.unify_all(outputs_of, proj or hidden)
     out_meta = ctx.out
     return [_last_axis(out_meta[0], _concat(previous)), _states(ctx, module, units, outputs, out_meta[1])]
 
@@ -95,13 +95,6 @@ def recurrent_module(ctx: RuleContext, node):
 def _concat(parts: List[AxisLabel]) -> AxisLabel:
     present = [p for p in parts if p is not None]
     return np.concatenate(present) if len(present) == len(parts) else None
-
-
-def _couple_all(ctx: RuleContext, axes: List[AxisLabel], size: int) -> AxisLabel:
-    first = axes[0]
-    for other in axes[1:]:
-        ctx.unify(first, other, size)
-    return first
 
 
 def _states(ctx: RuleContext, module: Any, units: AxisLabel, outputs: AxisLabel, state_meta) -> list:
@@ -144,7 +137,7 @@ def cell(ctx: RuleContext, x, states: list, w_ih: tuple, w_hh: tuple, b_ih: tupl
         ctx.freeze_inputs("recurrent cell without 2-D weights")
         return ctx.unlabeled_output()
     hidden = ctx.meta(ctx.out[0] if lstm else ctx.out).shape[-1]
-    units = None if w_hh[1] is None else w_hh[1]
+    units = w_hh[1]  # the recurrence reads each unit back through its column
     for rows in (w_ih[0], w_hh[0]) + tuple(b[0] for b in (b_ih, b_hh) if b):
         _gated_rows(ctx, rows, units, gates, hidden)
     x_label = ctx.tlabel(x)

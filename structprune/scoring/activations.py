@@ -79,20 +79,21 @@ class InputStatistics:
         return self.squares.sqrt()
 
 
-def run_batch(model: nn.Module, batch: Any) -> Any:
+def run_batch(model: nn.Module, batch: Any, **extra: Any) -> Any:
     """Call ``model`` on a calibration batch: a tensor, a mapping of keyword inputs, an ``(inputs, targets)``
-    pair (the inputs are used), or a tuple of positional inputs."""
+    pair (the inputs are used), or a tuple of positional inputs; ``extra`` keywords are passed along
+    (``output_hidden_states=True``)."""
     if isinstance(batch, torch.Tensor):
-        return model(batch)
+        return model(batch, **extra)
     if isinstance(batch, Mapping):
-        return model(**batch)
+        return model(**batch, **extra)
     if isinstance(batch, (tuple, list)):
         inputs = batch[0] if len(batch) == 2 else batch
         if isinstance(inputs, torch.Tensor):
-            return model(inputs)
+            return model(inputs, **extra)
         if isinstance(inputs, Mapping):
-            return model(**inputs)
-        return model(*inputs)
+            return model(**inputs, **extra)
+        return model(*inputs, **extra)
     raise InvalidOptionError(f"a calibration batch must be a tensor, a dict of inputs or an (inputs, targets) "
                              f"pair; got {type(batch).__name__}")
 

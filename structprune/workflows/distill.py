@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidOptionError
-from ..options import require_module
+from ..options import check_positive_int, require_module
+from ..planning.hardware import model_device_dtype
 from ..scoring.activations import run_batch
 from ..tools.progress import progress_bar
 
@@ -236,15 +237,7 @@ def _hidden_states(output: Any) -> Tuple[torch.Tensor, ...]:
 
 def _with_hidden_states(model: nn.Module, batch: Batch) -> Any:
     """:func:`run_batch`, asking a Hugging Face model for its hidden states too."""
-    if isinstance(batch, Mapping):
-        return model(**batch, output_hidden_states=True)
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        batch = batch[0]
-    if isinstance(batch, Mapping):
-        return model(**batch, output_hidden_states=True)
-    if isinstance(batch, torch.Tensor):
-        return model(batch, output_hidden_states=True)
-    return model(*batch, output_hidden_states=True)
+    return run_batch(model, batch, output_hidden_states=True)
 
 
 def _attention_mask(batch: Batch) -> Optional[torch.Tensor]:
@@ -279,8 +272,7 @@ def _to(batch: Batch, device: torch.device) -> Batch:
 
 
 def _device(model: nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
+    return model_device_dtype(model)[0]
 
 
 # ---- the data: epochs, steps, resuming ----------------------------------------------------------------
@@ -327,9 +319,9 @@ def _check(student: nn.Module, teacher: nn.Module, data: Iterable[Batch], steps:
     if isinstance(data, (torch.Tensor, Mapping)) or not isinstance(data, Iterable):
         raise InvalidOptionError(f"data must be an iterable of batches (a list or a DataLoader), "
                                  f"got {type(data).__name__}; wrap one batch as [batch]")
-    _positive_int("steps", steps, allow_none=True)
-    _positive_int("epochs", epochs)
-    _positive_int("checkpoint_every", checkpoint_every)
+    check_positive_int("steps", steps)
+    check_positive_int("epochs", epochs, optional=False)
+    check_positive_int("checkpoint_every", checkpoint_every, optional=False)
     for name, value, low_open in (("lr", lr, True), ("temperature", temperature, True),
                                   ("weight_decay", weight_decay, False), ("hidden", hidden, False)):
         _number(name, value, low_open)
@@ -342,13 +334,6 @@ def _check(student: nn.Module, teacher: nn.Module, data: Iterable[Batch], steps:
     if steps is None and isinstance(data, Iterator) and epochs > 1:  # a generator: iter() would not restart it
         raise InvalidOptionError("epochs > 1 needs data that can be iterated again (a list or a DataLoader), "
                                  "not a one-shot iterator; pass steps=... instead")
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidOptionError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _number(name: str, value: Any, low_open: bool) -> None:
