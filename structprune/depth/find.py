@@ -29,7 +29,7 @@ from torch import fx, nn
 from ..errors import ExampleInputError, TraceError
 from ..graph.capture import Inputs, Trace, capture, eval_mode, output_tensors
 from ..graph.shapes import META_KEY, TensorMeta, propagate_shapes
-from ..ops import has_module_rule, shape_function_for
+from ..ops import has_module_rule, shape_function_for, traced_forward_for
 from ..options import require_module
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -223,7 +223,7 @@ def find_blocks(model: nn.Module, example_input: Any, tracer: str = "auto") -> C
     trace: Optional[Trace] = None
     if fitting:
         try:
-            trace = capture(model, inputs, has_module_rule, tracer=tracer)
+            trace = capture(model, inputs, has_module_rule, tracer=tracer, stand_in=traced_forward_for)
         except TraceError as error:
             notes.append(f"the model's graph could not be captured ({str(error).splitlines()[0]}); residual "
                          f"blocks were recognised by shape and class alone, without seeing their shortcut")

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import fx, nn
@@ -74,18 +74,48 @@ class Trace:
         return [values[name] for name in self.parameter_names]
 
 
-class LeafTracer(fx.Tracer):
-    """fx tracer that keeps every module we have a rule for (and torch.nn modules) as a leaf."""
+StandIn = Callable[[nn.Module], Optional[Callable[..., Any]]]
 
-    def __init__(self, is_rule_leaf):
+
+class LeafTracer(fx.Tracer):
+    """fx tracer that keeps every module we have a rule for (and torch.nn modules) as a leaf, and
+    traces modules that have a traceable stand-in for their forward (``stand_in(module)``) through it."""
+
+    def __init__(self, is_rule_leaf, stand_in: Optional[StandIn] = None):
         super().__init__()
         self._is_rule_leaf = is_rule_leaf
+        self._stand_in = stand_in or (lambda module: None)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # containers have no rule of their own: tracing through them exposes the children, which do
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
-        return self._is_rule_leaf(m) or super().is_leaf_module(m, qualname)
+        if self._is_rule_leaf(m):
+            return True
+        return self._stand_in(m) is None and super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: Dict[str, Any]) -> Any:
+        replacement = None if self._is_rule_leaf(m) else self._stand_in(m)
+        if replacement is not None:
+            forward = functools.partial(replacement, m)
+        return super().call_module(m, forward, args, kwargs)
+
+
+@contextlib.contextmanager
+def traced_as(model: nn.Module, stand_in: Optional[StandIn]):
+    """Give the root module its traceable stand-in while fx traces it: fx reads the root's forward
+    from its class, so the instance briefly becomes an instance of a subclass whose forward is the
+    stand-in (its parameters, names and everything else stay the same)."""
+    replacement = stand_in(model) if stand_in is not None else None
+    if replacement is None:
+        yield model
+        return
+    cls = type(model)
+    model.__class__ = type(cls.__name__, (cls,), {"forward": replacement, "__module__": cls.__module__})
+    try:
+        yield model
+    finally:
+        model.__class__ = cls
 
 
 @contextlib.contextmanager
@@ -106,7 +136,7 @@ def eval_mode(model: nn.Module):
     return mode(model, False)
 
 
-def _fx_trace(model: nn.Module, inputs: Inputs, is_rule_leaf) -> Trace:
+def _fx_trace(model: nn.Module, inputs: Inputs, is_rule_leaf, stand_in: Optional[StandIn] = None) -> Trace:
     sig = inspect.signature(model.forward)
     params = [p for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
@@ -120,8 +150,9 @@ def _fx_trace(model: nn.Module, inputs: Inputs, is_rule_leaf) -> Trace:
     missing = [p.name for p in params if p.name not in given and p.default is p.empty]
     if missing:
         raise ExampleInputError(f"the example input does not provide forward() argument(s) {missing}")
-    tracer = LeafTracer(is_rule_leaf)
-    graph = tracer.trace(model, concrete_args=concrete or None)
+    tracer = LeafTracer(is_rule_leaf, stand_in)
+    with traced_as(model, None if is_rule_leaf(model) else stand_in):
+        graph = tracer.trace(model, concrete_args=concrete or None)
     # fx makes one placeholder per forward() argument, in signature order (defaults included)
     return Trace(tracer.root, graph, "fx", inputs, tuple(p.name for p in params), concrete)
 
@@ -192,14 +223,18 @@ def _export_trace(model: nn.Module, inputs: Inputs) -> Trace:
 
 
 
-def capture(model: nn.Module, inputs: Inputs, is_rule_leaf, training: bool = False, tracer: str = "auto") -> Trace:
+def capture(model: nn.Module, inputs: Inputs, is_rule_leaf, training: bool = False, tracer: str = "auto",
+            stand_in: Optional[StandIn] = None) -> Trace:
     """Trace ``model`` (in eval mode unless ``training``).
+
+    ``is_rule_leaf(module)`` says which modules stay one node; ``stand_in(module)`` gives a traceable
+    replacement for a module's forward that fx follows instead (see ``LeafTracer``).
 
     ``tracer="auto"`` tries torch.fx, then torch.export (non-strict); ``"fx"`` or ``"export"`` use
     one of them only. Raises TraceError naming every tracer's failure.
     """
     check_choice("tracer", tracer, TRACERS)
-    attempts = {"fx": lambda: _fx_trace(model, inputs, is_rule_leaf), "export": lambda: _export_trace(model, inputs)}
+    attempts = {"fx": lambda: _fx_trace(model, inputs, is_rule_leaf, stand_in), "export": lambda: _export_trace(model, inputs)}
     order = ["fx", "export"] if tracer == "auto" else [tracer]
     failures = []
     with mode(model, training):

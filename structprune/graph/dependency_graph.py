@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import InvalidModelError, InvalidOptionError, RuleError
-from ..ops import RuleContext, has_module_rule, lookup, op_name, shape_function_for
+from ..ops import RuleContext, has_module_rule, lookup, op_name, shape_function_for, traced_forward_for
 from ..ops.context import unlabeled
 from ..ops.registry import rules_are_strict
 from ..options import TraceOptions, check_integer
@@ -62,7 +62,8 @@ class DependencyGraph:
         self.state = ChannelState()
         self.unknown_ops: Counter = Counter()
         self.notes: List[str] = []
-        self.trace: Trace = capture(model, self.inputs, has_module_rule, tracer=tracer)
+        self.trace: Trace = capture(model, self.inputs, has_module_rule, tracer=tracer,
+                                      stand_in=traced_forward_for)
         # shapes in eval mode: the labels must describe the inference graph, and a training-mode pass would move
         # BatchNorm statistics and consume RNG on the caller's model
         with eval_mode(model):
@@ -79,7 +80,8 @@ class DependencyGraph:
         if not idle:
             return
         try:
-            trace = capture(self.model, self.inputs, has_module_rule, training=True, tracer=self.trace.tracer)
+            trace = capture(self.model, self.inputs, has_module_rule, training=True, tracer=self.trace.tracer,
+                            stand_in=traced_forward_for)
             with mode(self.model, True), preserved_state(self.model):
                 propagate_shapes(trace, trace.run_args(self.inputs), shape_function_for)
         except Exception as error:  # the inference graph alone still yields a correct eval model

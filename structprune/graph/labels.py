@@ -96,6 +96,7 @@ class Checkpoint(NamedTuple):
     widths: int
     head_splits: int
     attribute_axes: int
+    multiples: int
 
 
 @dataclass
@@ -118,6 +119,8 @@ class ChannelState:
     # (module path, attribute) or ("config", id, attribute) -> the axis that size attribute sizes
     attribute_axes: Dict[tuple, np.ndarray] = field(default_factory=dict)
     head_splits: List[HeadSplit] = field(default_factory=list)
+    # (elements that are whole units, n): the group of those elements must keep a multiple of n units
+    multiples: List[Tuple[np.ndarray, int]] = field(default_factory=list)
     # tensor name, or module path + ".", -> why its spaces are frozen whenever they are created
     frozen_tensors: Dict[str, str] = field(default_factory=dict)
 
@@ -183,6 +186,11 @@ class ChannelState:
     def record_head_split(self, split: HeadSplit) -> None:
         self.head_splits.append(split)
 
+    def record_multiple(self, elements: AxisLabel, n: int) -> None:
+        arr = _known(elements)
+        if arr.size and n > 1:
+            self.multiples.append((arr, n))
+
     def bind_attribute(self, key: tuple, axis: np.ndarray) -> np.ndarray:
         """The axis a size attribute sizes: the first one bound to ``key`` (``axis`` if none was)."""
         return self.attribute_axes.setdefault(key, axis)
@@ -190,7 +198,8 @@ class ChannelState:
     # ----- undoing a failed rule -----------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(len(self.spaces), self.n_elements, len(self.pairs), len(self.frozen), len(self.inexact),
-                          len(self.producers), len(self.widths), len(self.head_splits), len(self.attribute_axes))
+                          len(self.producers), len(self.widths), len(self.head_splits), len(self.attribute_axes),
+                          len(self.multiples))
 
     def rollback(self, checkpoint: Checkpoint) -> List[str]:
         """Forget everything recorded since ``checkpoint``; return the tensors whose new spaces were
@@ -205,6 +214,7 @@ class ChannelState:
         del self.spaces[checkpoint.spaces:], self.pairs[checkpoint.pairs:], self.frozen[checkpoint.frozen:]
         del self.inexact[checkpoint.inexact:], self.producers[checkpoint.producers:]
         del self.widths[checkpoint.widths:], self.head_splits[checkpoint.head_splits:]
+        del self.multiples[checkpoint.multiples:]
         self.n_elements = checkpoint.n_elements
         return list(dict.fromkeys(dropped))
 

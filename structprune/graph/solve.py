@@ -4,6 +4,7 @@ Fully vectorised: one union-find over elements, one over (few) spaces, one ``np.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -30,6 +31,7 @@ class Group:
     unit_origin: np.ndarray  # per unit: index (into spaces) of the layer output that produces it, -1 if none
     exact: bool  # every op touching these channels is per-channel: verification is exact
     has_producer: bool
+    unit_multiple: int = 1  # the kept units must stay a multiple of this (an even head count for a fast path)
 
     @property
     def size(self) -> int:
@@ -105,6 +107,11 @@ def solve(state: ChannelState) -> Tuple[np.ndarray, np.ndarray, List[Group]]:
     is_producer = np.zeros(n, bool)
     is_producer[producer_elements] = True
 
+    multiples: Dict[int, int] = {}
+    for elements, n in state.multiples:
+        root_space = int(element_group[elements[0]])
+        multiples[root_space] = math.lcm(multiples.get(root_space, 1), n)
+
     roots, order, sorted_groups, local = _number_units(unit_root, element_group)
     # units per group, indexed by the group's root space id (a space id, so n_spaces bins always suffice)
     counts = np.bincount(sorted_groups, minlength=n_spaces)
@@ -127,7 +134,7 @@ def solve(state: ChannelState) -> Tuple[np.ndarray, np.ndarray, List[Group]]:
             if is_producer[spaces[k].start]:
                 origin[index[k]] = k
         groups.append(Group(gid, spaces, index, int(counts[root]), unit_frozen, group_reasons, units,
-                            origin, root not in inexact_groups, root in producer_groups))
+                            origin, root not in inexact_groups, root in producer_groups, multiples.get(root, 1)))
         for sp in spaces:
             sp.group = gid
     return unit_root, exact_elements, groups

@@ -23,6 +23,7 @@ from . import (  # noqa: F401
                reduction,
                reshape,
                spatial,
+               transformer_layers,
 )
 from .context import RuleContext
 from .registry import (
@@ -40,6 +41,7 @@ from .registry import (
                rule,
                shape_function_for,
                strict_rules,
+               traced_forward_for,
                updater,
                weighted_layers,
                width_of,
@@ -48,4 +50,4 @@ from .thirdparty import torchvision, transformers  # noqa: F401
 
 __all__ = ["OpSpec", "RuleContext", "find_updater", "has_module_rule", "input_axis", "is_weighted", "list_ops",
            "lookup", "module_spec", "op_name", "override", "register_op", "rule", "shape_function_for",
-           "strict_rules", "updater", "weighted_layers", "width_of"]
+           "strict_rules", "traced_forward_for", "updater", "weighted_layers", "width_of"]

@@ -138,6 +138,10 @@ def multihead_attention(ctx: RuleContext, node):
         # returned attention weights (averaged over heads or per head) and (B*H, L, S) masks are
         # sized or valued by the head count
         ctx.freeze(heads, "attention weights returned, or a per-head mask, fix the head count")
+    if h % 2 == 0:
+        # PyTorch's fused attention (the eval fast path of this module and of nn.TransformerEncoderLayer)
+        # refuses an odd head count: keep it even so the pruned model stays on the path it was on
+        ctx.require_multiple(heads, 2)
     ctx.record_head_split(path, heads, e // h)
     ctx.mark_producer(out_rows)
     # q rows stand for the whole in_proj space: k and v are unified with them, and they come first in it

@@ -201,6 +201,11 @@ class RuleContext:
         without any such elements has nothing to remove."""
         self._state.mark_producer(axis)
 
+    def require_multiple(self, axis: AxisLabel, n: int) -> None:
+        """The elements of ``axis`` are whole units (heads), and their group must keep a multiple of
+        ``n`` of them (PyTorch's fused attention needs an even head count): the planner rounds to it."""
+        self._state.record_multiple(axis, n)
+
     def mark_inexact(self, axis: AxisLabel, why: str) -> None:
         """Pruning ``axis`` changes values beyond zeroing it (statistics over channels): the
         verifier compares such groups approximately."""

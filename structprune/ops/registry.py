@@ -1,6 +1,6 @@
 """The op registry: one :class:`OpSpec` per target, holding everything structprune knows about it.
 
-A spec names its *target* and up to six facts about it:
+A spec names its *target* and up to seven facts about it:
 
 * ``rule(ctx: RuleContext, node) -> Label``: maps the channel labels of a node's inputs to the label
   of its output, unifying, freezing or marking elements on the way;
@@ -8,7 +8,12 @@ A spec names its *target* and up to six facts about it:
 * ``update(module, old_shapes)``: refreshes module metadata (``out_channels``...) after slicing;
 * ``width``: the attribute that states the layer's output width (``"out_channels"``);
 * ``input_axes``: parameter name -> the dim that consumes the input channels (``{"weight": 1}``);
-* ``weighted``: its ``weight`` is a default target of element masks.
+* ``weighted``: its ``weight`` is a default target of element masks;
+* ``traced_forward(module, *args, **kwargs)``: a stand-in for a module's ``forward`` that fx can
+  trace (same signature, same result), for modules whose own forward cannot be traced (fast paths
+  that branch on tensor properties): capture traces into the module through it instead of keeping
+  it as one opaque leaf, so its children's rules apply. Used only to capture the graph; the
+  pruned model still runs the module's own forward.
 
 Targets are
 
@@ -54,9 +59,9 @@ ShapeFunction = Callable[..., torch.Tensor]
 Updater = Callable[[nn.Module, Dict[str, tuple]], None]
 Target = Any  # a module class, a callable, or one of the strings described above
 
-FIELDS = ("rule", "shape", "update", "width", "input_axes", "weighted")
+FIELDS = ("rule", "shape", "update", "width", "input_axes", "weighted", "traced_forward")
 # facts that only hold while a subclass keeps the registered class's forward
-_FORWARD_BOUND = ("rule", "shape")
+_FORWARD_BOUND = ("rule", "shape", "traced_forward")
 STRICT_ENV = "STRUCTPRUNE_STRICT_RULES"
 TARGET_KINDS = ("module", "function", "method", "aten", "container")
 
@@ -72,6 +77,7 @@ class OpSpec:
     width: Optional[str] = None
     input_axes: Optional[Mapping[str, int]] = None
     weighted: Optional[bool] = None
+    traced_forward: Optional[Callable[..., Any]] = None
     doc: str = ""
 
     @property
@@ -303,6 +309,11 @@ def module_rule(module: nn.Module) -> Optional[Rule]:
 def has_module_rule(module: nn.Module) -> bool:
     """Does a rule cover the module? Then capture keeps it as one leaf node instead of tracing into it."""
     return module_spec(module).rule is not None
+
+
+def traced_forward_for(module: nn.Module) -> Optional[Callable[..., Any]]:
+    """The traceable stand-in for the module's forward (None: trace its own forward, or keep it a leaf)."""
+    return module_spec(module).traced_forward
 
 
 def shape_function_for(module: nn.Module) -> Optional[ShapeFunction]:

@@ -275,8 +275,12 @@ class Planner:
             while channels > 1 and _units(math.lcm(channels, demanded), layer) > max(original // 8, 1):
                 channels //= 2
             channels = math.lcm(channels, demanded)
-        step = _units(channels, layer)
-        return step if layer.width > step else 1
+        # a multiple a rule demands of the units themselves (an even head count) comes on top as well
+        step = math.lcm(_units(channels, layer), layer.group.unit_multiple)
+        if layer.width > step:
+            return step
+        # a layer narrower than its step may still lose units, unless a rule demands the multiple (then it stays whole)
+        return layer.width if layer.group.unit_multiple > 1 else 1
 
     def config_multiple(self, layer: _Layer) -> int:
         """The multiple of channels a Hugging Face config demands of this layer's width: the residual stream

@@ -54,12 +54,22 @@ def _slots(model: nn.Module):
                     yield module, slots, name, t
 
 
+def _refresh_composites(model: nn.Module, touched: Dict[nn.Module, Dict[str, tuple]]) -> None:
+    """Run the updaters of modules that own no sliced tensor but hold some that were sliced (``nn.Transformer``'s
+    ``d_model`` follows its layers): children before parents, so a parent reads its children's new sizes."""
+    for module in reversed(list(model.modules())):  # reversed pre-order: every child comes before its parent
+        update = find_updater(module)
+        if update is not None and module not in touched and any(m in touched for m in module.modules()):
+            update(module, {})
+
+
 def _refresh_metadata(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray,
                       touched: Dict[nn.Module, Dict[str, tuple]], notes: Optional[List[str]]) -> None:
     for module, old_shapes in touched.items():
         update = find_updater(module)
         if update is not None:
             update(module, old_shapes)
+    _refresh_composites(model, touched)
     # head splits compare attributes with their original values: rewrite those before anything else
     for note in refresh_size_attributes(model, dg.head_splits, dropped, touched):
         if notes is not None and note not in notes:
