@@ -178,7 +178,8 @@ def test_torchvision_swin_and_vit_heads():
     vit = torchvision.models.vit_b_16().eval()
     small, report = sp.slim_with_report(vit, x, 0.25)
     attn = small.encoder.layers[0].self_attention  # MHA: heads shrink with the residual stream it reads
-    assert report.verification.passed and attn.num_heads == 9 and attn.embed_dim == small.hidden_dim == 576
+    # 12 heads at 0.25 would keep 9: an odd count leaves PyTorch's fused attention, so it rounds to 8
+    assert report.verification.passed and attn.num_heads == 8 and attn.embed_dim == small.hidden_dim == 512
     assert outputs(small, x).shape == (1, 1000)
 
 

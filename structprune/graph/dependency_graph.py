@@ -19,6 +19,7 @@ from ..errors import InvalidModelError, InvalidOptionError, RuleError
 from ..ops import RuleContext, has_module_rule, lookup, op_name, shape_function_for, traced_forward_for
 from ..ops.context import unlabeled
 from ..ops.registry import rules_are_strict
+from ..ops.thirdparty.transformers import tie_mirrored_buffers
 from ..options import TraceOptions, check_integer
 from .capture import Inputs, Trace, capture, eval_mode, mode
 from .inspect import to_dot
@@ -80,9 +81,11 @@ class DependencyGraph:
         if not idle:
             return
         try:
-            trace = capture(self.model, self.inputs, has_module_rule, training=True, tracer=self.trace.tracer,
-                            stand_in=traced_forward_for)
+            # tracing too: fx runs the forward's Python on the real buffers (timm's BatchNormAct2d increments
+            # num_batches_tracked in training mode)
             with mode(self.model, True), preserved_state(self.model):
+                trace = capture(self.model, self.inputs, has_module_rule, training=True, tracer=self.trace.tracer,
+                                stand_in=traced_forward_for)
                 propagate_shapes(trace, trace.run_args(self.inputs), shape_function_for)
         except Exception as error:  # the inference graph alone still yields a correct eval model
             self.notes.append(f"training-mode forward could not be traced ({type(error).__name__}); "
@@ -112,6 +115,7 @@ class DependencyGraph:
                 state.freeze_label(ctx.label(node.args[0]), "reaches a model output")
             else:
                 labels[node] = self._apply_rule(ctx, node, meta)
+        tie_mirrored_buffers(state, tensors, canonical)
         return labels
 
     def _attr_label(self, node: fx.Node, meta: Any, by_name: Dict[str, str]) -> Label:

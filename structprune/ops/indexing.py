@@ -1,7 +1,10 @@
 """Indexing: ``x[...]`` (getitem), gather/take_along_dim, ``aten.index``, select and ``aten.slice``.
 
 Full slices and ``None``/``...`` keep labels; constant bounds, integers and index tensors on a
-channel axis freeze it (they name positions that pruning would move).
+channel axis freeze it (they name positions that pruning would move). One slice is an exception:
+the first or second *half* of an axis, with bounds read from its size (``x[..., : x.shape[-1] // 2]``,
+the ``rotate_half`` of rotary position embeddings). Channel ``i`` then pairs with ``i + n/2``: they
+are pruned together, so the halves stay halves and each half keeps its labels.
 """
 from __future__ import annotations
 
@@ -55,7 +58,11 @@ def _index_tensor(ctx: RuleContext, x, index):
             out.append(None)
         elif isinstance(item, slice):
             full = item.start in (None, 0) and item.stop is None and item.step in (None, 1)
-            if label[k] is not None and not full:
+            half = None if full or label[k] is None else _half(ctx, label[k], meta.shape[k], item.start,
+                                                                item.stop, item.step)
+            if half is not None:
+                out.append(half)
+            elif label[k] is not None and not full:
                 ctx.freeze(label[k], "slicing a channel axis with constant bounds")
                 out.append(None)
             else:
@@ -70,6 +77,31 @@ def _index_tensor(ctx: RuleContext, x, index):
         ctx.freeze(tuple(label), "indexing with an unrecognised pattern")
         return ctx.unlabeled_output()
     return tuple(out)
+
+
+def _value(ctx: RuleContext, bound):
+    """A slice bound as ``(int or None, read from a size?)``: a node computed in the graph is a size read;
+    under torch.export, which bakes size reads into literals, a literal counts as one too."""
+    if isinstance(bound, fx.Node):
+        value = ctx.meta(bound)
+        return (value, True) if isinstance(value, int) else (bound, False)
+    return bound, ctx.exported
+
+
+def _half(ctx: RuleContext, axis: AxisLabel, size: int, start, stop, step) -> AxisLabel:
+    """The labels of ``axis[start:stop:step]`` when that is exactly its first or second half, with
+    bounds read from its size; channel ``i`` is then paired with ``i + size/2`` (None: not a half)."""
+    (start, start_read), (stop, stop_read), (step, _) = _value(ctx, start), _value(ctx, stop), _value(ctx, step)
+    if step not in (None, 1) or size % 2 or size < 2:
+        return None
+    half = size // 2
+    first = start in (None, 0) and stop == half and stop_read
+    # export writes an open end as INT64_MAX
+    second = start == half and start_read and (stop is None or (isinstance(stop, int) and stop >= size))
+    if not (first or second):
+        return None
+    ctx.unify(axis[:half], axis[half:], half)
+    return axis[:half] if first else axis[half:]
 
 
 @rule(torch.gather, ".gather", "aten.gather", torch.take_along_dim, ".take_along_dim")
@@ -161,7 +193,12 @@ def aten_slice(ctx: RuleContext, node):  # aten.slice(x, dim, start, end, step)
     label = list(ctx.tlabel(x))
     dim = norm_dim(ctx.arg(1, "dim", 0), len(label))
     # export's bounds may be symbolic or INT64_MAX: compare sizes instead, an unchanged size takes every position
-    if label[dim] is not None and ctx.out.shape[dim] != ctx.meta(x).shape[dim]:
+    size = ctx.meta(x).shape[dim]
+    half = None if label[dim] is None or ctx.out.shape[dim] == size else _half(
+        ctx, label[dim], size, ctx.arg(2, "start"), ctx.arg(3, "end"), ctx.arg(4, "step"))
+    if half is not None:
+        label[dim] = half
+    elif label[dim] is not None and ctx.out.shape[dim] != size:
         ctx.freeze(label[dim], "slicing a channel axis with constant bounds")
         label[dim] = None
     return tuple(label)

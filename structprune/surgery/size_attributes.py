@@ -77,7 +77,22 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
     # the input embedding is the width ``hidden_size`` names: it overrides what other embeddings reported
     if isinstance(embeddings, nn.Embedding) and embeddings in old_shapes:
         facts["hidden"] = [(old_shapes[embeddings]["weight"][1], embeddings.weight.shape[1])]
-    return notes + _refresh_configs(model, facts) + reload_note(model)
+    return notes + _refresh_configs(model, facts) + reload_note(model) + _derived_buffer_note(model, old_shapes)
+
+
+def _derived_buffer_note(model: nn.Module, old_shapes: Dict[nn.Module, Dict[str, tuple]]) -> List[str]:
+    """``from_pretrained`` recomputes non-persistent buffers from the config (rotary frequencies): where
+    pruning sliced one, the reloaded model would compute with other values than the pruned one."""
+    if not hasattr(model, "from_pretrained"):
+        return []
+    names = {id(m): path for path, m in model.named_modules()}
+    sliced = [f"{names[id(m)]}.{name}".lstrip(".") for m, shapes in old_shapes.items() for name in shapes
+              if name in getattr(m, "_non_persistent_buffers_set", ()) and id(m) in names]
+    if not sliced:
+        return []
+    return [f"pruning sliced {sliced[0]}, a buffer from_pretrained recomputes from the config rather than loads: "
+            f"a from_pretrained reload would compute with other values; save with sp.save and reload with sp.load, "
+            f"which keep it"]
 
 
 def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:

@@ -1,9 +1,11 @@
 """Saving and loading pruned models without pickle.
 
-A saved model is a directory with two files:
+A saved model is a directory with two files, and a third where the model has them:
 
 * ``model.safetensors``: every parameter and buffer (``safetensors.torch.save_model``, which also
   handles tied weights such as a language model head sharing the embedding);
+* ``buffers.safetensors``: the non-persistent buffers (``state_dict`` leaves them out, but pruning
+  may have sliced them: the rotary frequencies ``inv_freq`` of a model pruned in head dims);
 * ``structprune.json``: a versioned plan of the pruned shapes: the shape of every tensor, the size
   attributes of every module (``out_channels``, ``num_heads``...) and a Hugging Face config's
   integer fields.
@@ -30,6 +32,7 @@ FORMAT = "structprune"
 VERSION = 1
 PLAN_FILE = "structprune.json"
 WEIGHTS_FILE = "model.safetensors"
+BUFFERS_FILE = "buffers.safetensors"
 _PLAIN = (int, float, bool, str, type(None))
 
 
@@ -76,7 +79,17 @@ def save(model: nn.Module, directory: Union[str, os.PathLike]) -> None:
         "attributes": _attributes(model),
         "config": _config_fields(model),
     }
+    buffers = _non_persistent_buffers(model)
+    if buffers:
+        plan["buffers"] = {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                           for name, t in buffers.items()}
     save_model(model, os.path.join(directory, WEIGHTS_FILE))
+    if buffers:
+        from safetensors.torch import save_file
+
+        # clones: safetensors refuses tensors that share memory, and a buffer may be a view
+        save_file({name: t.detach().cpu().contiguous().clone() for name, t in buffers.items()},
+                  os.path.join(directory, BUFFERS_FILE))
     with open(os.path.join(directory, PLAN_FILE), "w") as f:
         json.dump(plan, f, indent=1, sort_keys=True)
 
@@ -91,10 +104,53 @@ def load(directory: Union[str, os.PathLike], model: Union[nn.Module, Callable[[]
     if not isinstance(target, nn.Module):
         raise LoadError(f"load needs an nn.Module or a function returning one, got {type(target).__name__}")
     _check_plan(plan, target)
+    _check_buffers(plan, target)
     _resize_tensors(target, plan["tensors"])
     _set_attributes(target, plan["attributes"], plan.get("config", {}))
     _load_weights(target, os.path.join(directory, WEIGHTS_FILE))
+    if plan.get("buffers"):
+        _load_buffers(target, os.path.join(directory, BUFFERS_FILE))
     return target
+
+
+def _non_persistent_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Fully-qualified name -> tensor of every buffer ``state_dict`` leaves out."""
+    found = {}
+    for path, module in model.named_modules():
+        for name in module._non_persistent_buffers_set:
+            t = module._buffers.get(name)
+            if isinstance(t, torch.Tensor):
+                found[f"{path}.{name}" if path else name] = t
+    return found
+
+
+def _check_buffers(plan: dict, model: nn.Module) -> None:
+    buffers = _non_persistent_buffers(model)
+    for name, entry in plan.get("buffers", {}).items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if name not in buffers:
+            raise LoadError(f"the saved plan names a non-persistent buffer {name!r} this model does not have; "
+                            f"build the same architecture the pruned model came from")
+        if not (isinstance(shape, list) and len(shape) == buffers[name].ndim and all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= o for s, o in zip(shape, buffers[name].shape))):
+            raise LoadError(f"buffer {name!r}: saved shape {shape!r} cannot come from pruning the model's "
+                            f"{tuple(buffers[name].shape)}")
+
+
+def _load_buffers(model: nn.Module, path: str) -> None:
+    """Replace the non-persistent buffers with the saved ones (their shapes were checked against the plan)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        saved = load_file(path)
+    except (SafetensorError, RuntimeError, OSError, ValueError) as error:
+        raise LoadError(f"{path} could not be read ({type(error).__name__}: {str(error).splitlines()[0][:300]}); "
+                        f"the file is missing, truncated or damaged") from None
+    for name, t in _non_persistent_buffers(model).items():
+        if name in saved:
+            owner, _, attribute = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attribute] = saved[name].to(device=t.device, dtype=t.dtype)
 
 
 def _read_plan(directory) -> dict:
@@ -110,7 +166,7 @@ def _read_plan(directory) -> dict:
         raise LoadError(f"{path} is not a structprune plan (no 'format': '{FORMAT}' entry)")
     if plan.get("version") != VERSION:
         raise LoadError(f"{path} has plan version {plan.get('version')!r}; this structprune reads version {VERSION}")
-    for key, kind in (("tensors", dict), ("attributes", dict), ("config", dict)):
+    for key, kind in (("tensors", dict), ("attributes", dict), ("config", dict), ("buffers", dict)):
         if not isinstance(plan.get(key, {}), kind):
             raise LoadError(f"{path}: '{key}' must be a JSON object")
     return plan

@@ -10,6 +10,7 @@ from typing import Dict, Protocol
 
 import torch
 
+from ...graph.labels import ChannelState
 from ..registry import register_op
 
 CONV1D = "transformers.pytorch_utils.Conv1D"
@@ -29,3 +30,21 @@ def update_conv1d(module: _Conv1D, old: Dict[str, tuple]) -> None:
 
 
 register_op(CONV1D, update=update_conv1d, input_axes={"weight": 0})
+
+
+# buffer -> the buffer it copies: Hugging Face rotary embeddings keep ``original_inv_freq``, which dynamic
+# RoPE variants copy back into ``inv_freq``; pruned head dims must drop the same frequencies from both
+MIRRORED_BUFFERS = {"original_inv_freq": "inv_freq"}
+
+
+def tie_mirrored_buffers(state: ChannelState, tensors: Dict[str, torch.Tensor], canonical: Dict[int, str]) -> None:
+    """Couple every buffer of :data:`MIRRORED_BUFFERS` element by element to the buffer it copies."""
+    for name, copy in tensors.items():
+        owner, _, attribute = name.rpartition(".")
+        source_name = MIRRORED_BUFFERS.get(attribute)
+        source = tensors.get(f"{owner}.{source_name}" if owner else str(source_name)) if source_name else None
+        if source is None or source is copy or source.shape != copy.shape or copy.ndim != 1 or len(copy) < 2:
+            continue
+        size = len(copy)
+        state.unify(state.param_axis(canonical[id(source)], 0, size), state.param_axis(canonical[id(copy)], 0, size),
+                    f"{name} copies {source_name}", size)
