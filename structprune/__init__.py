@@ -36,10 +36,11 @@ from .masks import (
 from .ops import OpSpec, RuleContext, list_ops, rule, updater
 from .ops.size_names import register_size_attribute
 from .options import Options, PlanOptions, PruneOptions, ScoreOptions, TraceOptions
+from .piecewise import PiecewiseReport, slim_submodules
 from .pipeline import PruningSession
 from .planning.planner import Plan, Planner
 from .scoring import Criterion, ScoringContext, get_criterion, list_criteria, register_criterion
-from .slim import SlimReport, slim, slim_with_report
+from .slim import SlimReport, slim, slim_whole_model, slim_with_report
 from .tools.io import load, save
 from .tools.metrics import count_macs, count_parameters, latency_ms
 from .tools.report import Report, report
@@ -51,12 +52,12 @@ __version__ = "0.1.0"
 __all__ = [  # sorted
     "Criterion", "DependencyGraph", "DepthReport", "DistillResult", "ExampleInputError", "Granularity", "Group",
     "InvalidModelError", "InvalidOptionError", "InvalidRatioError", "Iterative", "LoadError", "LotteryTicket",
-    "Mask", "OneShot", "OpSpec", "Options", "Plan", "PlanOptions", "Planner", "PruneOptions", "Pruner",
-    "PruningSession", "Report", "RuleContext", "ScoreOptions", "ScoringContext", "SlimReport", "SoftPruner",
-    "SparsityReport", "Step", "StructPruneError", "TraceError", "TraceOptions", "VerificationError",
+    "Mask", "OneShot", "OpSpec", "Options", "PiecewiseReport", "Plan", "PlanOptions", "Planner", "PruneOptions",
+    "Pruner", "PruningSession", "Report", "RuleContext", "ScoreOptions", "ScoringContext", "SlimReport",
+    "SoftPruner", "SparsityReport", "Step", "StructPruneError", "TraceError", "TraceOptions", "VerificationError",
     "VerificationResult", "apply_masks", "block_influence", "count_macs", "count_parameters", "distill",
-    "get_criterion", "latency_ms", "list_criteria", "list_granularities", "list_ops", "load", "register_criterion",
-    "register_granularity", "register_size_attribute", "regularizer", "remove_blocks", "remove_masks", "report",
-    "residual_blocks", "rule", "save", "slim", "slim_with_report", "sparsify", "sparsity_report",
-    "to_semi_structured", "updater",
+    "get_criterion", "latency_ms", "list_criteria", "list_granularities", "list_ops", "load",
+    "register_criterion", "register_granularity", "register_size_attribute", "regularizer", "remove_blocks",
+    "remove_masks", "report", "residual_blocks", "rule", "save", "slim", "slim_submodules", "slim_whole_model",
+    "slim_with_report", "sparsify", "sparsity_report", "to_semi_structured", "updater",
 ]

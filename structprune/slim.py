@@ -6,12 +6,14 @@ of :class:`~structprune.options.Options`, given as flat keywords.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 from torch import nn
 
+from .errors import TraceError
 from .graph.dependency_graph import DependencyGraph
 from .options import Options, require_module
+from .piecewise import PiecewiseReport, slim_submodules
 from .pipeline import PruningSession
 from .planning.planner import Plan
 from .tools.metrics import count_parameters
@@ -53,8 +55,26 @@ class SlimReport:
 
 
 def slim_with_report(model: nn.Module, example_input: Any, ratio: float = 0.5,
-                     **options: Any) -> Tuple[nn.Module, SlimReport]:
+                     **options: Any) -> Tuple[nn.Module, Union[SlimReport, PiecewiseReport]]:
     """Like :func:`slim`, also returning a :class:`SlimReport`.
+
+    A model that cannot be captured whole (a detector's data-dependent ``forward``) has its largest
+    traceable submodules pruned one by one instead, each verified, and the whole pruned model run; the
+    report is then a :class:`~structprune.piecewise.PiecewiseReport` (see
+    :func:`~structprune.piecewise.slim_submodules`)."""
+    try:
+        return slim_whole_model(model, example_input, ratio, **options)
+    except TraceError as error:
+        # detectors and other models with data-dependent control flow: prune the parts that do trace
+        if not any(next(child.parameters(), None) is not None for child in model.children()):
+            raise
+        return slim_submodules(model, example_input, ratio, trace_error=str(error), **options)
+
+
+def slim_whole_model(model: nn.Module, example_input: Any, ratio: float = 0.5,
+                     **options: Any) -> Tuple[nn.Module, SlimReport]:
+    """:func:`slim_with_report` on the model's whole graph only: a model that cannot be captured raises
+    :class:`~structprune.errors.TraceError` (what :class:`structprune.Pruner`'s schedules need).
 
     ``reference_widths`` (layer name -> width before any pruning, see :attr:`SlimReport.widths`) makes
     ``ratio`` count from those widths: what :class:`structprune.Pruner` uses between steps."""
@@ -113,6 +133,10 @@ def slim(model: nn.Module, example_input: Any, ratio: float = 0.5, **options: An
         uniform_blocks: repeated blocks (``model.layers.3.mlp``, ``model.layers.7.mlp``) keep one width.
             ``None`` (default): on for Hugging Face models, so that their config describes the pruned
             model and ``save_pretrained``/``from_pretrained`` rebuild it; ``False``: each block its own.
+
+    A model that neither tracer can capture whole (a detector's data-dependent ``forward``) is pruned
+    part by part: its largest submodules that do capture, each on the input it receives, each verified,
+    their interfaces kept; then the whole pruned model is run (:func:`~structprune.piecewise.slim_submodules`).
 
     Returns:
         The pruned model: same classes, attribute names and ``state_dict`` keys, smaller tensors.

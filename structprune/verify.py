@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_map
 from .errors import VerificationError
 from .graph.capture import eval_mode, output_tensors
 from .graph.dependency_graph import DependencyGraph
+from .graph.interpreter import GraphInterpreter
 from .graph.labels import Label
 from .precision import LOW_PRECISION, RTOL, cast_floats, compute_dtype, computing_in, ieee_fp32, native_tolerance
 from .surgery.compensation import Compensation
@@ -62,7 +63,7 @@ def _zero_dropped(value: Any, label: Label, dropped: np.ndarray) -> Any:
     return value
 
 
-class ZeroingInterpreter(fx.Interpreter):
+class ZeroingInterpreter(GraphInterpreter):
     """Run the captured original graph, zeroing every dropped channel in every labelled tensor.
 
     ``shifts`` (node -> output axis, values) adds a compensated layer's lost mean contribution to its output.

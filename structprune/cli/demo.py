@@ -13,7 +13,7 @@ import argparse
 import torch
 from torch import nn
 
-from ..slim import slim_with_report
+from ..slim import slim_whole_model
 from ..tools.metrics import count_macs, count_parameters, latency_ms
 
 
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model = build(args.model).eval()
     x = torch.randn(1, 3, args.size, args.size)
-    small, report = slim_with_report(model, x, args.ratio)
+    small, report = slim_whole_model(model, x, args.ratio)
 
     print(f"\n{args.model}: {report.graph.summary(limit=12)}")
     print("\nlargest pruned groups (units before -> after, first members):")

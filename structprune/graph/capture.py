@@ -58,6 +58,8 @@ class Trace:
     inputs: Inputs
     parameter_names: Tuple[str, ...]  # forward() argument feeding each placeholder, in order
     defaults: Dict[str, Any] = field(default_factory=dict)  # values of arguments the input leaves out
+    # torch.export gave every tensor inside nested inputs (a list of feature maps) its own placeholder
+    flattened: bool = False
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -68,6 +70,9 @@ class Trace:
         """Positional arguments for the graph's placeholders. Tensors are cloned, so an in-place op
         at the start of ``forward`` never reaches the caller's example input."""
         fresh = inputs.cloned()
+        if self.flattened:  # export flattens (args, kwargs) as a pytree: one placeholder per leaf, in that order
+            return [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf
+                    for leaf in torch.utils._pytree.tree_leaves((fresh.args, fresh.kwargs))]
         values = dict(self.defaults)
         values.update(zip(self.parameter_names, fresh.args))
         values.update(fresh.kwargs)
@@ -217,8 +222,9 @@ def _export_trace(model: nn.Module, inputs: Inputs) -> Trace:
     names = [p.name for p in sig.parameters.values()][: len(inputs.args)] + list(inputs.kwargs)
     # the unlifted module takes the original forward() signature positionally-or-by-keyword
     placeholder_names = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
-    order = tuple(names) if len(names) == len(placeholder_names) else placeholder_names
-    return Trace(gm, gm.graph, "export", inputs, order)
+    if len(names) == len(placeholder_names):
+        return Trace(gm, gm.graph, "export", inputs, tuple(names))
+    return Trace(gm, gm.graph, "export", inputs, placeholder_names, flattened=True)
 
 
 
@@ -234,7 +240,8 @@ def capture(model: nn.Module, inputs: Inputs, is_rule_leaf, training: bool = Fal
     one of them only. Raises TraceError naming every tracer's failure.
     """
     check_choice("tracer", tracer, TRACERS)
-    attempts = {"fx": lambda: _fx_trace(model, inputs, is_rule_leaf, stand_in), "export": lambda: _export_trace(model, inputs)}
+    attempts = {"fx": lambda: _fx_trace(model, inputs, is_rule_leaf, stand_in),
+                "export": lambda: _export_trace(model, inputs)}
     order = ["fx", "export"] if tracer == "auto" else [tracer]
     failures = []
     with mode(model, training):

@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ExampleInputError
+from .interpreter import GraphInterpreter
 
 META_KEY = "sp_value"
 
@@ -41,7 +42,7 @@ def describe(value: Any) -> Any:
     return value
 
 
-class ShapeProp(fx.Interpreter):
+class ShapeProp(GraphInterpreter):
     """Record every node's output description in ``node.meta[META_KEY]``."""
 
     def run_node(self, n: fx.Node) -> Any:

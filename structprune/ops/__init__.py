@@ -46,7 +46,7 @@ from .registry import (
                weighted_layers,
                width_of,
 )
-from .thirdparty import torchvision, transformers  # noqa: F401
+from .thirdparty import timm, torchvision, transformers  # noqa: F401
 
 __all__ = ["OpSpec", "RuleContext", "find_updater", "has_module_rule", "input_axis", "is_weighted", "list_ops",
            "lookup", "module_spec", "op_name", "override", "register_op", "rule", "shape_function_for",

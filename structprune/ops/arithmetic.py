@@ -12,6 +12,7 @@ import torch
 from ..graph.shapes import TensorMeta
 from .context import RuleContext
 from .registry import rule
+from .width_values import freeze_sizes_used_as_values
 
 _BINARY = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow, operator.mod,
@@ -33,6 +34,8 @@ def broadcast_elementwise(ctx: RuleContext, node):
         if any(ctx.is_tensor(a) for a in ctx.tensor_inputs()):
             ctx.freeze_inputs("elementwise op with a non-tensor result")
         return None
+    # ``x / c ** 0.5`` with c read from a channel axis: pruning would change the number, so that axis is kept
+    freeze_sizes_used_as_values(ctx)
     tensors = [a for a in ctx.tensor_inputs() if ctx.is_tensor(a)]
     result = []
     for i, size in enumerate(out.shape):

@@ -29,7 +29,7 @@ def expand(ctx: RuleContext, node):
     return bind_sizes(ctx, result, out.shape, entries)
 
 
-@rule(".expand_as")
+@rule(".expand_as", "aten.expand_as")
 def expand_as(ctx: RuleContext, node):
     x, other = ctx.arg(0), ctx.arg(1)
     label, target = ctx.tlabel(x), ctx.tlabel(other)

@@ -20,6 +20,7 @@ from torch import fx
 from ..graph.labels import AxisLabel
 from .context import RuleContext
 from .registry import rule
+from .width_values import freeze_width_normalised
 
 
 @rule(torch.matmul, torch.mm, torch.bmm, "aten.matmul", "aten.mm", "aten.bmm", ".matmul", ".mm", ".bmm",
@@ -34,6 +35,9 @@ def matmul(ctx: RuleContext, node):
         return ctx.unlabeled_output()
     left_meta, right_meta = ctx.meta(left), ctx.meta(right)
     ctx.unify(left_label[-1], right_label[-2], left_meta.shape[-1])
+    # RAFT's correlation volume divides by sqrt(k): then k stays whole (see width_values)
+    contracted = left_label[-1] if left_label[-1] is not None else right_label[-2]
+    freeze_width_normalised(ctx, contracted, left_meta.shape[-1])
     out_meta = ctx.out
     batch = []
     n_batch = out_meta.ndim - 2
@@ -218,6 +222,7 @@ def einsum(ctx: RuleContext, node):
             occurrences.setdefault(index, []).append((k, label[axis], meta.shape[axis]))
 
     labels: Dict[Index, AxisLabel] = {}
+    kept = set(parsed.output)
     for index, found in occurrences.items():
         # the largest size of an index is its true size; smaller ones (size 1) are broadcast
         size = max(n for _, _, n in found)
@@ -226,9 +231,10 @@ def einsum(ctx: RuleContext, node):
             if n != size and axis_label is not None:  # broadcast: this axis has one position, not `size`
                 ctx.freeze(axis_label, f"einsum subscript {_name(index)} broadcast from size {n} to {size}")
         labels[index] = ctx.unify_all(full, size)
+        if index not in kept:  # a contracted index normalised by its width stays whole (see width_values)
+            freeze_width_normalised(ctx, labels[index], size)
 
     out = tuple(labels[index] for index in parsed.output)
-    kept = set(parsed.output)
     for index, found in occurrences.items():
         carriers = {k for k, _, _ in found}
         # a single-operand einsum (a transpose, a trace, a sum) only moves axes: it originates nothing

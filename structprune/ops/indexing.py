@@ -92,7 +92,7 @@ def _half(ctx: RuleContext, axis: AxisLabel, size: int, start, stop, step) -> Ax
     """The labels of ``axis[start:stop:step]`` when that is exactly its first or second half, with
     bounds read from its size; channel ``i`` is then paired with ``i + size/2`` (None: not a half)."""
     (start, start_read), (stop, stop_read), (step, _) = _value(ctx, start), _value(ctx, stop), _value(ctx, step)
-    if step not in (None, 1) or size % 2 or size < 2:
+    if axis is None or step not in (None, 1) or size % 2 or size < 2:
         return None
     half = size // 2
     first = start in (None, 0) and stop == half and stop_read

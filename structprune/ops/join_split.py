@@ -94,16 +94,19 @@ def chunk(ctx: RuleContext, node):
 @rule(torch.split, ".split", "aten.split", "aten.split_with_sizes")
 def split(ctx: RuleContext, node):
     """Split into pieces. Equal pieces along a channel axis stay prunable when the piece size is a
-    module's size attribute (GPT-2's fused ``c_attn(x).split(self.split_size)``): the pieces are tied
-    position by position and the attribute is rewritten after pruning."""
+    module's size attribute (GPT-2's fused ``c_attn(x).split(self.split_size)``), or that attribute
+    divided by the piece count (timm's ``x.split(self.in_channels // self.num_paths)``): the pieces are
+    tied position by position and the attribute is rewritten after pruning."""
     x = ctx.arg(0)
     dim = norm_dim(ctx.arg(2, "dim", 0), ctx.meta(x).ndim)
     sizes = [m.shape[dim] for m in ctx.out]
     piece = ctx.arg(1, "split_size", node.kwargs.get("split_size_or_sections"))
     axis = ctx.tlabel(x)[dim]
-    # the attribute sizes one piece: bind it to the first piece's elements, _pieces ties the others to them
-    adaptable = (isinstance(piece, int) and axis is not None and len(sizes) > 1 and len(set(sizes)) == 1
-                 and adaptable_literal(ctx, piece, "split", axis[:piece]))
+    # the attribute sizes one piece (bound to the first piece's elements) or all of them (bound to the whole
+    # axis); _pieces ties the other pieces to the first
+    adaptable = (axis is not None and isinstance(piece, int) and len(sizes) > 1 and len(set(sizes)) == 1
+                 and (adaptable_literal(ctx, piece, "split", axis[:piece])
+                      or adaptable_literal(ctx, piece * len(sizes), "split_total", axis)))
     return _pieces(ctx, x, dim, sizes, dynamic=adaptable)
 
 

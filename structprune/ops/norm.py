@@ -51,10 +51,26 @@ def instance_norm_module(ctx: RuleContext, node):
     return _norm_module(ctx, x, 1 if ctx.meta(x).ndim == spatial + 2 else 0)
 
 
+def _input_statistics(ctx: RuleContext, node, x) -> None:
+    """Statistics computed from the input itself average over every axis but the channels (and, for
+    instance norm, the batch): a label on one of those axes is mixed by them. Weight standardisation
+    is ``F.batch_norm(w.reshape(1, out, -1), training=True)``, whose dim 2 is the filters' fan-in."""
+    instance = "instance_norm" in str(getattr(node.target, "__name__", node.target))
+    # argument 5 is ``training`` (batch norm) or ``use_input_stats`` (instance norm) in every form registered here
+    from_input = ctx.arg(5, "use_input_stats" if instance else "training", instance)
+    if from_input is False:
+        return
+    label = ctx.tlabel(x)
+    mixed = range(2, len(label)) if instance else [k for k in range(len(label)) if k != 1]
+    for k in mixed:
+        ctx.mark_inexact(label[k], "normalisation statistics computed over the pruned elements")
+
+
 @rule(F.batch_norm, F.instance_norm)
 def batch_norm_function(ctx: RuleContext, node):  # (input, running_mean, running_var, weight, bias, ...)
     members = [ctx.tlabel(ctx.arg(i, n)) for i, n in ((1, "running_mean"), (2, "running_var"),
                                                         (3, "weight"), (4, "bias"))]
+    _input_statistics(ctx, node, ctx.arg(0, "input"))
     return _per_channel(ctx, ctx.arg(0, "input"), 1, [m[0] if m else None for m in members])
 
 
@@ -62,6 +78,8 @@ def batch_norm_function(ctx: RuleContext, node):  # (input, running_mean, runnin
       "aten.instance_norm")
 def batch_norm_aten(ctx: RuleContext, node):  # (input, weight, bias, running_mean, running_var, ...)
     members = [ctx.tlabel(ctx.arg(i)) for i in (1, 2, 3, 4)]
+    if "no_training" not in str(node.target):
+        _input_statistics(ctx, node, ctx.arg(0))
     out = _per_channel(ctx, ctx.arg(0), 1, [m[0] if m else None for m in members])
     if isinstance(ctx.out, (tuple, list)):  # native variants also return saved statistics
         return [out] + [None] * (len(ctx.out) - 1)

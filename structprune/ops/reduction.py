@@ -1,4 +1,4 @@
-"""Reductions: ``mean``, ``sum``, ``amax``, ``norm``, ``argmax``... over some axes.
+"""Reductions: ``mean``, ``sum``, ``amax``, ``norm``, ``linalg.vector_norm``, ``argmax``... over some axes.
 
 A statistic over a channel axis (RMSNorm's mean of squares) keeps its meaning when channels go, so
 the axis is marked approximate; any other reduction across channels (``argmax``, ``prod``) is frozen.
@@ -14,13 +14,19 @@ from .context import RuleContext, norm_dim
 from .registry import rule
 
 _REDUCTIONS = (torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
-               torch.prod, torch.max, torch.min, torch.norm, torch.nansum, torch.nanmean, torch.argmax, torch.argmin)
+               torch.prod, torch.max, torch.min, torch.norm, torch.nansum, torch.nanmean, torch.argmax, torch.argmin,
+               torch.linalg.vector_norm)
 _REDUCTION_NAMES = ("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod", "max", "min", "norm",
                     "nansum", "nanmean", "argmax", "argmin")
+# (input, ord, dim, keepdim): torch.linalg.vector_norm, and under torch.export the decomposition of F.normalize
+# (Hugging Face Swin V2's cosine attention) and of torch.norm
+_VECTOR_NORMS = ("linalg_vector_norm",)
 
 # left out on purpose: argmax/argmin and max/min with a dim return positions, which pruning renumbers, and a
 # product over channels becomes 0 when one is zeroed, so neither has an approximate meaning
-_STATISTICS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm", "nansum", "nanmean"}
+_STATISTICS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm", "nansum", "nanmean", *_VECTOR_NORMS}
+# the ops that take the order ``p`` before ``dim``
+_ORDER_FIRST = {"norm", *_VECTOR_NORMS}
 
 
 def _op_name(node) -> str:
@@ -36,7 +42,7 @@ def _reduction_arguments(ctx: RuleContext, node):
     ``std``/``var`` may take ``unbiased`` before ``keepdim``; numpy's ``axis`` is accepted)."""
     name = _op_name(node).rstrip("_")
     args, kwargs = node.args, node.kwargs
-    dim_at = 2 if name == "norm" else 1
+    dim_at = 2 if name in _ORDER_FIRST else 1
     dim = args[dim_at] if len(args) > dim_at else kwargs.get("dim", kwargs.get("axis"))
     keep_at = dim_at + 1
     if name in ("std", "var") and len(args) > 2 and isinstance(args[2], bool):
@@ -45,7 +51,7 @@ def _reduction_arguments(ctx: RuleContext, node):
     return dim, bool(keepdim)
 
 
-@rule(*_REDUCTIONS, *("." + n for n in _REDUCTION_NAMES), *("aten." + n for n in _REDUCTION_NAMES))
+@rule(*_REDUCTIONS, *("." + n for n in _REDUCTION_NAMES), *("aten." + n for n in _REDUCTION_NAMES + _VECTOR_NORMS))
 def reduction(ctx: RuleContext, node):
     x = ctx.arg(0)
     meta = ctx.meta(x)

@@ -22,6 +22,8 @@ SIZE_ATTRIBUTES: Dict[str, set] = {
     "ffn": {"intermediate_size", "n_inner", "ffn_dim", "d_ff", "dim_feedforward", "mlp_dim", "hidden_dim",
             "encoder_ffn_dim", "decoder_ffn_dim"},
     "hidden": {"hidden_size", "n_embd", "d_model", "dim", "embed_dim", "word_embed_proj_dim", "hidden_dim"},
+    # the whole width a module splits evenly, ``x.split(self.in_channels // self.num_paths)`` (timm's SelectiveKernel)
+    "split_total": {"in_channels"},
 }
 
 

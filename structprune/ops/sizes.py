@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 import operator
-from typing import Any, List, Optional, Sequence, Set, Tuple
+from typing import Any, List, Optional, Sequence, Set, Tuple, cast
 
 import numpy as np
 from torch import fx
@@ -82,10 +82,43 @@ def _bind_scaled(ctx: RuleContext, axis: np.ndarray, tensor, dim: int, factor: i
     return False
 
 
+def _per_head_size_source(ctx: RuleContext, entry):
+    """``(tensor, axis, n)`` for a size computed as ``x.size(axis) // n`` with a literal ``n`` (XCiT's
+    ``C // self.num_heads``, ``self.num_heads`` baked into the graph as its value), else None."""
+    if not (isinstance(entry, fx.Node) and entry.op == "call_function" and entry.target is operator.floordiv):
+        return None
+    size, n = entry.args
+    source = size_source(ctx, size)
+    if source is None or not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return None
+    return source[0], source[1], n
+
+
+def _bind_per_head(ctx: RuleContext, out: Sequence[AxisLabel], out_shape: Sequence[int], j: int,
+                   tensor, dim: int, n: int) -> bool:
+    """Couple the width ``C`` of ``C // n`` sizing head-dim axis ``j`` (after an axis of ``n`` heads) with
+    that (heads, head_dim) pair: the value stays the head size exactly when ``C`` keeps ``heads * head_dim``
+    channels, so channel i of ``C`` goes with element i of the pair merged (head ``i // head_dim`` when
+    whole heads go, dim ``i % head_dim`` of every head when head dims go). As the closing
+    ``reshape(B, N, C)`` of such attention couples them anyway, this ties nothing new there."""
+    if j < 1 or out_shape[j - 1] != n or (out[j - 1] is None) == (out[j] is None):
+        return False
+    src_label = ctx.tlabel(tensor)
+    src = src_label[norm_dim(dim, len(src_label))] if src_label else None
+    head_dim = out_shape[j]
+    if src is not None and len(src) != n * head_dim:
+        return False
+    heads, dims = out[j - 1], out[j]
+    merged = np.repeat(heads, head_dim) if heads is not None else np.tile(cast(np.ndarray, dims), n)
+    ctx.unify(src, merged, n * head_dim)  # an unlabelled C cannot shrink: the unify then freezes the heads
+    return True
+
+
 # which roles a literal may play, by what reshape_label did to its axis (``kinds``): attributes match by
 # value, so narrow roles keep a coincidence (hidden == 64 == head_dim) from adapting the wrong attribute
 _SIZE_ROLES = {"heads": ("heads",), "head_dim": ("head_dim",), "merge": ("heads", "attention_width"),
-               "pass": ("heads", "head_dim", "attention_width", "ffn", "hidden"), "split": ("attention_width",)}
+               "pass": ("heads", "head_dim", "attention_width", "ffn", "hidden"), "split": ("attention_width",),
+               "split_total": ("split_total",)}
 
 
 def adaptable_literal(ctx: RuleContext, literal: int, kind: Optional[str], axis: np.ndarray) -> bool:
@@ -137,6 +170,10 @@ def bind_sizes(ctx: RuleContext, out: Sequence[AxisLabel], out_shape: Sequence[i
             scaled = _scaled_size_source(ctx, entry)
             if scaled is not None and _bind_scaled(ctx, out_axis, *scaled):
                 continue
+        # ``C // num_heads`` sizing the head dim: C must shrink by whole heads (or by the same dims of each head)
+        per_head = _per_head_size_source(ctx, entry) if source is None else None
+        if per_head is not None and _bind_per_head(ctx, out, out_shape, j, *per_head):
+            continue
         if source is not None:
             tensor, axis = source
             src_label = ctx.tlabel(tensor)
@@ -152,7 +189,7 @@ def bind_sizes(ctx: RuleContext, out: Sequence[AxisLabel], out_shape: Sequence[i
         # a computed size (``C // num_heads``) also pins every axis it reads: pruning C would change the
         # computed value in a way no label can follow
         if source is None and scaled is None and isinstance(entry, fx.Node):
-            for tensor, axis in _sizes_read(ctx, entry):
+            for tensor, axis in sizes_read(ctx, entry):
                 src_label = ctx.tlabel(tensor)
                 if src_label:
                     ctx.freeze(src_label[norm_dim(axis, len(src_label))],
@@ -160,7 +197,7 @@ def bind_sizes(ctx: RuleContext, out: Sequence[AxisLabel], out_shape: Sequence[i
     return tuple(out)
 
 
-def _sizes_read(ctx: RuleContext, entry: fx.Node, limit: int = 64) -> list:
+def sizes_read(ctx: RuleContext, entry: fx.Node, limit: int = 64) -> list:
     """Every ``(tensor, axis)`` whose size the computed value ``entry`` depends on."""
     found: List[Tuple[Any, int]] = []
     stack: List[fx.Node] = [entry]

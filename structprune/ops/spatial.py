@@ -2,6 +2,8 @@
 spatial axes; channel labels pass through, and a channel axis among the spatial ones is frozen."""
 from __future__ import annotations
 
+from typing import Iterable, Sequence, Set
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +14,13 @@ from .registry import rule
 
 def spatial(ctx: RuleContext, x, n_spatial: int):
     """An op that only works on the last ``n_spatial`` axes: other labels pass through."""
+    ndim = len(ctx.tlabel(x))
+    return spatial_axes(ctx, x, range(max(ndim - n_spatial, 0), ndim))
+
+
+def spatial_axes(ctx: RuleContext, x, axes: Iterable[int]):
+    """An op that only works on ``axes`` (resizes or pads them): a channel label there is frozen, the
+    other labels pass through."""
     label = list(ctx.tlabel(x))
     out = ctx.out
     if isinstance(out, (tuple, list)):  # pooling with return_indices
@@ -19,13 +28,14 @@ def spatial(ctx: RuleContext, x, n_spatial: int):
     if len(label) != out.ndim:
         ctx.freeze(tuple(label), "spatial op changed the rank")
         return ctx.unlabeled_output()
-    for k in range(len(label) - n_spatial, len(label)):
+    axes = set(axes)
+    for k in sorted(axes):
         if label[k] is not None:
             ctx.freeze(label[k], "spatial op over a channel axis")
             label[k] = None
-    for k in range(len(label) - n_spatial):
+    for k in range(len(label)):
         # an axis outside the spatial ones that changes size (a pad given more pairs than we assumed) is resized
-        if label[k] is not None and out.shape[k] != ctx.meta(x).shape[k]:
+        if k not in axes and label[k] is not None and out.shape[k] != ctx.meta(x).shape[k]:
             ctx.freeze(label[k], "spatial op changed a channel axis")
             label[k] = None
     result = tuple(label)
@@ -77,10 +87,21 @@ def resize(ctx: RuleContext, node):
     return spatial(ctx, x, max(ctx.meta(x).ndim - 2, 1))
 
 
+def _padded_axes(amounts: Sequence, ndim: int) -> Set[int]:
+    """The axes ``F.pad``'s ``amounts`` pads: one (left, right) pair per axis from the last one backwards.
+    A pair of literal zeros leaves its axis alone (Swin pads H and W to a window multiple with computed
+    amounts and the channel axis with ``(0, 0)``); a computed amount may pad, whatever its example value."""
+    pairs = [amounts[i:i + 2] for i in range(0, len(amounts) - 1, 2)]
+    return {ndim - 1 - k for k, pair in enumerate(pairs)
+            if not all(isinstance(a, int) and not isinstance(a, bool) and a == 0 for a in pair)}
+
+
 @rule(F.pad, "aten.pad", "aten.constant_pad_nd", "aten.reflection_pad2d", "aten.replication_pad2d")
 def pad(ctx: RuleContext, node):
+    """Padding: the padded axes are spatial (a channel axis among them is frozen); the rest pass through."""
     x = ctx.arg(0, "input")
     amounts = ctx.arg(1, "pad")
-    # F.pad takes one (left, right) pair per trailing axis; unknown amounts count as padding every axis
-    n = len(amounts) // 2 if isinstance(amounts, (list, tuple)) else ctx.meta(x).ndim
-    return spatial(ctx, x, n)
+    ndim = ctx.meta(x).ndim
+    if not isinstance(amounts, (list, tuple)):  # unknown amounts count as padding every axis
+        return spatial(ctx, x, ndim)
+    return spatial_axes(ctx, x, _padded_axes(amounts, ndim))

@@ -131,10 +131,11 @@ def _check_buffers(plan: dict, model: nn.Module) -> None:
         if name not in buffers:
             raise LoadError(f"the saved plan names a non-persistent buffer {name!r} this model does not have; "
                             f"build the same architecture the pruned model came from")
-        if not (isinstance(shape, list) and len(shape) == buffers[name].ndim and all(
-                isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= o for s, o in zip(shape, buffers[name].shape))):
+        original = buffers[name].shape
+        if not (isinstance(shape, list) and len(shape) == len(original) and all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= o for s, o in zip(shape, original))):
             raise LoadError(f"buffer {name!r}: saved shape {shape!r} cannot come from pruning the model's "
-                            f"{tuple(buffers[name].shape)}")
+                            f"{tuple(original)}")
 
 
 def _load_buffers(model: nn.Module, path: str) -> None:

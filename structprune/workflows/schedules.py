@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import InvalidOptionError
 from ..options import Options, check_choice, check_flag, check_fraction, check_integer
-from ..slim import SlimReport, slim_with_report
+from ..slim import SlimReport, slim_whole_model
 from ..tools.metrics import count_parameters
 from ..tools.progress import progress_bar
 
@@ -112,7 +112,7 @@ class Pruner:
         bar = progress_bar(len(self), "pruning") if self.progress else None
         reference = None  # the widths before the first step: every target counts from them
         for index, (target, fraction) in enumerate(zip(self.targets, self.fractions), start=1):
-            self.model, report = slim_with_report(self.model, self.example_input, target,
+            self.model, report = slim_whole_model(self.model, self.example_input, target,
                                                   reference_widths=reference, **self.options)
             # pinned to the first step's widths: each step's target then counts from the original model
             reference = reference or report.widths
