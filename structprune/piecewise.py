@@ -102,7 +102,8 @@ def slim_submodules(model: nn.Module, example_input: Any, ratio: float = 0.5, tr
             f"{', '.join(unsupported)} need the whole model's graph, and this model could not be captured whole "
             f"({_tracer_reasons(trace_error)}); prune its traceable submodules one by one with slim(model.part, ...) "
             f"and their own data, or make forward traceable")
-    recorded = record_inputs(model, example_input)
+    calls: Dict[str, int] = {}
+    recorded = record_inputs(model, example_input, calls)
     parts, kept = find_parts(model, recorded, options.get("tracer", "auto"))
     if not parts:
         raise TraceError(f"the model could not be captured whole ({_tracer_reasons(trace_error)}), and no submodule "
@@ -120,8 +121,8 @@ def slim_submodules(model: nn.Module, example_input: Any, ratio: float = 0.5, tr
                          f"capture ({', '.join(parts)}) have only channels that the untraceable code reads or "
                          f"feeds, which keep their widths.")
     check_whole_model_runs(model, pruned, example_input)
-    notes = [f"{path} was called {n} times; it was pruned and verified on its first call"
-             for path, n in _call_counts(model, example_input, parts).items() if n > 1]
+    notes = [f"{path} was called {calls[path]} times; it was pruned and verified on its first call"
+             for path in parts if calls.get(path, 0) > 1]
     params_before = count_parameters(model)
     if options.get("inplace"):  # every check passed: swap the pruned parts into the caller's model in one step
         for path in parts:
@@ -147,9 +148,11 @@ def _run(model: nn.Module, example_input: Any) -> Any:
     return model(*inputs.args, **inputs.kwargs)
 
 
-def record_inputs(model: nn.Module, example_input: Any) -> Dict[str, Any]:
+def record_inputs(model: nn.Module, example_input: Any, calls: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
     """Path -> the example input (for ``slim``) each submodule receives on its first call, recorded in one
-    eval-mode forward of the whole model (buffers and the RNG restored afterwards)."""
+    eval-mode forward of the whole model (buffers and the RNG restored afterwards). ``calls``, if given,
+    receives how many times each submodule was called in that forward."""
+    counts: Dict[str, int] = {} if calls is None else calls
     recorded: Dict[str, Any] = {}
     handles = []
     for path, module in model.named_modules():
@@ -157,6 +160,7 @@ def record_inputs(model: nn.Module, example_input: Any) -> Dict[str, Any]:
             continue
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
+            counts[path] = counts.get(path, 0) + 1
             if path not in recorded:
                 recorded[path] = _as_example(module, _detached(args), _detached(kwargs))
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
@@ -186,22 +190,6 @@ def _as_example(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     except TypeError:
         return tuple(args)
     return dict(bound.arguments)
-
-
-def _call_counts(model: nn.Module, example_input: Any, paths: List[str]) -> Dict[str, int]:
-    counts = {path: 0 for path in paths}
-    handles = []
-    for path in paths:
-        def hook(module: nn.Module, args: tuple, path: str = path) -> None:
-            counts[path] += 1
-        handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
-    try:
-        with eval_mode(model), preserved_state(model), torch.no_grad():
-            _run(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts
 
 
 # ---- choosing the parts ---------------------------------------------------------------------------------------
