@@ -9,6 +9,7 @@ how important (:func:`register_criterion`, :func:`list_criteria`), how much and 
 when (:class:`Pruner`, :class:`SoftPruner`, :class:`LotteryTicket`, :func:`regularizer`), at which
 granularity (:func:`sparsify` and the masks), and around the engine (save/load, reports, metrics).
 """
+from .channels import ChannelReport, GroupProposal, InteractivePruning, iter_groups, prune_channels
 from .depth import DepthReport, block_influence, remove_blocks, residual_blocks
 from .errors import (
                      ExampleInputError,
@@ -50,14 +51,15 @@ from .workflows import DistillResult, Iterative, LotteryTicket, OneShot, Pruner,
 __version__ = "0.1.0"
 
 __all__ = [  # sorted
-    "Criterion", "DependencyGraph", "DepthReport", "DistillResult", "ExampleInputError", "Granularity", "Group",
-    "InvalidModelError", "InvalidOptionError", "InvalidRatioError", "Iterative", "LoadError", "LotteryTicket",
-    "Mask", "OneShot", "OpSpec", "Options", "PiecewiseReport", "Plan", "PlanOptions", "Planner", "PruneOptions",
-    "Pruner", "PruningSession", "Report", "RuleContext", "ScoreOptions", "ScoringContext", "SlimReport",
-    "SoftPruner", "SparsityReport", "Step", "StructPruneError", "TraceError", "TraceOptions", "VerificationError",
-    "VerificationResult", "apply_masks", "block_influence", "count_macs", "count_parameters", "distill",
-    "get_criterion", "latency_ms", "list_criteria", "list_granularities", "list_ops", "load",
-    "register_criterion", "register_granularity", "register_size_attribute", "regularizer", "remove_blocks",
-    "remove_masks", "report", "residual_blocks", "rule", "save", "slim", "slim_submodules", "slim_whole_model",
-    "slim_with_report", "sparsify", "sparsity_report", "to_semi_structured", "updater",
+    "ChannelReport", "Criterion", "DependencyGraph", "DepthReport", "DistillResult", "ExampleInputError", "Granularity",
+    "Group", "GroupProposal", "InteractivePruning", "InvalidModelError", "InvalidOptionError", "InvalidRatioError",
+    "Iterative", "LoadError", "LotteryTicket", "Mask", "OneShot", "OpSpec", "Options", "PiecewiseReport", "Plan",
+    "PlanOptions", "Planner", "PruneOptions", "Pruner", "PruningSession", "Report", "RuleContext", "ScoreOptions",
+    "ScoringContext", "SlimReport", "SoftPruner", "SparsityReport", "Step", "StructPruneError", "TraceError",
+    "TraceOptions", "VerificationError", "VerificationResult", "apply_masks", "block_influence", "count_macs",
+    "count_parameters", "distill", "get_criterion", "iter_groups", "latency_ms", "list_criteria", "list_granularities",
+    "list_ops", "load", "prune_channels", "register_criterion", "register_granularity", "register_size_attribute",
+    "regularizer", "remove_blocks", "remove_masks", "report", "residual_blocks", "rule", "save", "slim",
+    "slim_submodules", "slim_whole_model", "slim_with_report", "sparsify", "sparsity_report", "to_semi_structured",
+    "updater",
 ]

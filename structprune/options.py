@@ -21,6 +21,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import nn
 
 from .errors import InvalidModelError, InvalidOptionError, InvalidRatioError
@@ -72,6 +73,18 @@ def require_module(model: Any, name: str = "model") -> nn.Module:
     if isinstance(model, nn.Module):
         return model
     raise InvalidModelError(f"{name} must be a torch.nn.Module, not {type(model).__name__}; pass the model itself")
+
+
+def require_prunable(model: Any, name: str = "model") -> nn.Module:
+    """:func:`require_module`, refusing a ``torch.jit.ScriptModule`` too: it is an ``nn.Module`` whose Python
+    ``forward`` is gone, so neither tracer can capture it, and their own complaints would point at control flow
+    (what measures a model, such as ``count_parameters``, takes one: it uses :func:`require_module`)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InvalidModelError(f"{name} is a TorchScript module ({type(model).__name__}), compiled by "
+                                f"torch.jit.script or torch.jit.trace: its graph cannot be captured or pruned. "
+                                f"Pass the original nn.Module (before torch.jit.script/trace), and script or trace "
+                                f"the pruned model afterwards if you need TorchScript.")
+    return require_module(model, name)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
@@ -217,8 +230,12 @@ class PlanOptions:
     round_to: keep widths that are multiples of this number of channels. ``"auto"`` (the default) keeps
         the widths the model's device and dtype run well (multiples of up to 64 on a GPU, 16 on a CPU
         in fp32; see :mod:`structprune.planning.hardware`); ``None`` keeps exactly what the ratio gives.
-    ignore: modules kept whole: names or globs, instances, or classes.
-    ratios: ``{"module.glob.*": ratio}`` overrides for matching layers.
+    ignore: modules kept whole: names or globs, instances, or classes; a parent (``"layer4"``,
+        ``model.layer4``) covers every module in it. An entry naming no module of the model raises
+        :class:`~structprune.errors.InvalidOptionError` when the session starts
+        (see :mod:`structprune.planning.patterns`).
+    ratios: ``{"module.glob.*": ratio}`` overrides for matching layers, a parent's name covering the
+        layers in it (a pattern naming the layer itself wins); a pattern naming no module raises.
     normalize: per-group score normalisation for global ranking: ``"mean"``, ``"max"``, ``"sum"``,
         ``"standard"`` (z-scores, FLAP's adaptive structure) or None.
     hidden: also prune widths that LayerNorm/RMSNorm normalise (a transformer's residual stream).
@@ -362,4 +379,5 @@ def check_names(options: Mapping[str, Any], valid: Sequence[str], caller: str) -
 
 __all__ = ["ATTENTION_MODES", "NORMALIZATIONS", "Options", "PlanOptions", "PruneOptions", "REDUCTIONS", "RoundTo",
            "SCOPES", "ScoreOptions", "TARGETS", "TRACERS", "TraceOptions", "as_scalar", "check_choice",
-           "check_fraction", "check_integer", "check_names", "check_round_to", "check_target"]
+           "check_fraction", "check_integer", "check_names", "check_round_to", "check_target", "require_module",
+           "require_prunable"]

@@ -29,6 +29,8 @@ from .errors import ExampleInputError, InvalidOptionError, StructPruneError, Tra
 from .graph.capture import Inputs, capture, eval_mode, output_tensors
 from .graph.dependency_graph import preserved_state
 from .ops import has_module_rule, traced_forward_for
+from .options import check_ignore, check_ratios
+from .planning.patterns import check_rules_match, rules_inside
 from .surgery.copying import deep_copy_module
 from .tools.metrics import count_parameters
 from .verify import VerificationResult
@@ -96,6 +98,8 @@ def slim_submodules(model: nn.Module, example_input: Any, ratio: float = 0.5, tr
     ``ratios`` patterns name modules by their path in the whole model."""
     from .slim import slim_with_report  # slim falls back on this module: import at call time
 
+    # once against the whole model: inside a part, an entry naming modules of other parts is no error
+    check_rules_match(model, check_ignore(options.get("ignore", ())), check_ratios(options.get("ratios")))
     unsupported = [name for name in _WHOLE_MODEL_OPTIONS if options.get(name) is not None]
     if unsupported:
         raise InvalidOptionError(
@@ -230,17 +234,21 @@ def find_parts(model: nn.Module, recorded: Dict[str, Any], tracer: str = "auto")
 
 
 def _part_options(options: Dict[str, Any], path: str, model: nn.Module) -> Dict[str, Any]:
-    """``slim`` options for the part at ``path``: ``ignore`` and ``ratios`` patterns are written for the whole
-    model, so a part sees them relative to itself (modules and classes match as they are)."""
+    """``slim`` options for the part at ``path``. ``ignore`` and ``ratios`` entries are written for the whole
+    model (and were checked against it): each becomes the exact names, relative to the part, of the part's
+    modules it names (``""``, the part itself, when it names the part or a module above it), so it covers in
+    the part what it covers in the model. Instances become names too (the part is pruned on a copy), and an
+    entry naming only modules outside the part simply has no names there."""
     part = dict(options)
-    prefix = path + "."
     if "ignore" in options:
-        ignore = options["ignore"] if isinstance(options["ignore"], (list, tuple, set)) else [options["ignore"]]
-        part["ignore"] = [item[len(prefix):] if isinstance(item, str) and item.startswith(prefix) else item
-                          for item in ignore]
+        part["ignore"] = [name for _, names in rules_inside(check_ignore(options["ignore"]), path, model)
+                          for name in names]
     if options.get("ratios"):
-        part["ratios"] = {pattern[len(prefix):] if pattern.startswith(prefix) else pattern: value
-                          for pattern, value in options["ratios"].items()}
+        ratios = check_ratios(options["ratios"])
+        part["ratios"] = {}
+        for ratio, (_, names) in zip(ratios.values(), rules_inside(ratios, path, model)):
+            for name in names:  # between patterns naming the same module, the first still wins
+                part["ratios"].setdefault(name, ratio)
     return part
 
 

@@ -20,11 +20,14 @@ from typing import Any, Dict, Optional, Tuple
 from torch import nn
 
 from .errors import StructPruneError
+from .graph.capture import Inputs
 from .graph.dependency_graph import DependencyGraph
-from .options import Options, require_module
+from .graph.example_input import check_has_samples
+from .options import Options, require_prunable
 from .planning.budgets import removed_fraction
 from .planning.dry_run import groups_that_break
 from .planning.latency import search_latency
+from .planning.patterns import check_rules_match
 from .planning.planner import Plan, Planner
 from .planning.search import search_target
 from .scoring import ScoringContext, get_criterion
@@ -68,12 +71,21 @@ class PruningSession:
 
     def __init__(self, model: nn.Module, example_input: Any, options: Optional[Options] = None, *,
                  graph: Optional[DependencyGraph] = None):
-        self.model = require_module(model)
+        self.model = require_prunable(model)
         self.options = options if options is not None else Options()
+        self._check_before_tracing(example_input)
         trace = self.options.trace
         self.graph = graph if graph is not None else DependencyGraph(model, example_input, tracer=trace.tracer,
                                                                      attention=trace.attention)
         self._planner: Optional[Planner] = None
+
+    def _check_before_tracing(self, example_input: Any) -> None:
+        """Options that cannot work on this model fail before the (slow) capture: an ``ignore`` or ``ratios``
+        entry naming no module of the model, and, when verifying, an empty example input."""
+        plan = self.options.plan
+        check_rules_match(self.model, plan.ignore, plan.ratios)
+        if self.options.prune.verify:
+            check_has_samples(Inputs.from_example(example_input))
 
     # ----- score -------------------------------------------------------------------------------------------
     def planner(self, rescore: bool = False) -> Planner:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .errors import TraceError
 from .graph.dependency_graph import DependencyGraph
-from .options import Options, require_module
+from .options import Options, require_prunable
 from .piecewise import PiecewiseReport, slim_submodules
 from .pipeline import PruningSession
 from .planning.planner import Plan
@@ -78,7 +78,7 @@ def slim_whole_model(model: nn.Module, example_input: Any, ratio: float = 0.5,
 
     ``reference_widths`` (layer name -> width before any pruning, see :attr:`SlimReport.widths`) makes
     ``ratio`` count from those widths: what :class:`structprune.Pruner` uses between steps."""
-    require_module(model)  # first: a wrong model explains any other error
+    require_prunable(model)  # first: a wrong model explains any other error
     session = PruningSession(model, example_input, Options.parse({"ratio": ratio, **options}, caller="slim"))
     plan = session.plan()
     params_before = count_parameters(model)
@@ -114,8 +114,10 @@ def slim(model: nn.Module, example_input: Any, ratio: float = 0.5, **options: An
         target: ``{"params": f}`` or ``{"macs": f}``: remove that fraction instead of a channel
             ratio (reached within one percentage point).
         round_to: keep widths that are multiples of this number.
-        ignore: modules kept whole: names or globs, instances, or classes.
-        ratios: ``{"module.glob.*": ratio}`` overrides for matching layers.
+        ignore: modules kept whole: names or globs, instances, or classes; a parent (``"layer4"``,
+            ``model.layer4``) covers every module in it, and an entry naming no module raises.
+        ratios: ``{"module.glob.*": ratio}`` overrides for matching layers (a parent's name covers
+            the layers in it); a pattern naming no module raises.
         seed: seed of the ``random`` criterion.
         verify: check the pruned model against the original with the removed channels zeroed and
             raise :class:`VerificationError` (leaving ``model`` untouched) if they disagree.

@@ -11,6 +11,7 @@ import torchvision
 import transformers
 
 import structprune as sp
+from structprune.tools.io import plan_digest
 
 warnings.filterwarnings("ignore", message=".*token_id.*")
 
@@ -65,10 +66,14 @@ def _copy_saved(directory, tmp_path):
     return tmp_path
 
 
-def _edit_plan(directory, edit):
+def _edit_plan(directory, edit, sign=True):
+    """Edit the plan; ``sign``: store the new content hash too, as a deliberate editor would, so that
+    the checks behind the hash are reached."""
     path = directory / "structprune.json"
     plan = json.loads(path.read_text())
     edit(plan)
+    if sign:
+        plan["sha256"] = plan_digest(plan)
     path.write_text(json.dumps(plan))
 
 
@@ -81,6 +86,7 @@ def _edit_plan(directory, edit):
     (lambda d: _edit_plan(d, lambda p: p["tensors"]["fc.bias"].update(shape=[5000])), "cannot come from pruning"),
     (lambda d: _edit_plan(d, lambda p: p["tensors"]["fc.bias"].update(shape=["__import__('os')"])), "invalid shape"),
     (lambda d: _edit_plan(d, lambda p: p.update(tensors=[])), "must be a JSON object"),
+    (lambda d: _edit_plan(d, lambda p: p["attributes"]["conv1"].update(stride=[1, 1]), sign=False), "content hash"),
     (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]), "truncated"),
     (lambda d: (d / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad}..."), "truncated"),
 ])

@@ -30,7 +30,7 @@ from ..errors import ExampleInputError, TraceError
 from ..graph.capture import Inputs, Trace, capture, eval_mode, output_tensors
 from ..graph.shapes import META_KEY, TensorMeta, propagate_shapes
 from ..ops import has_module_rule, shape_function_for, traced_forward_for
-from ..options import require_module
+from ..options import require_prunable
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _ATEN_ADDS = {"aten.add.Tensor", "aten.add_.Tensor"}
@@ -209,7 +209,7 @@ def _same_class_siblings(model: nn.Module, entry: Entry) -> bool:
 
 def find_blocks(model: nn.Module, example_input: Any, tracer: str = "auto") -> Candidates:
     """The residual blocks of ``model`` (see the module docstring), in module order."""
-    require_module(model)
+    require_prunable(model)
     inputs = Inputs.from_example(example_input)
     entries = stack_entries(model)
     stacks: Dict[str, int] = {}

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import InvalidOptionError, StructPruneError, VerificationError
 from ..graph.capture import Inputs, eval_mode, output_tensors
-from ..options import check_flag, check_fraction, check_integer, require_module
+from ..options import check_flag, check_fraction, check_integer, require_prunable
 from ..surgery.copying import deep_copy_module
 from ..tools.metrics import count_parameters
 from .find import Candidates, Entry, find_blocks
@@ -291,7 +291,7 @@ def remove_blocks(model: nn.Module, example_input: Any, n: Optional[int] = None,
         The pruned model (stacks renumbered; a Hugging Face model's ``num_hidden_layers``,
         per-layer config lists and ``layer_idx`` follow) and the report.
     """
-    require_module(model)
+    require_prunable(model)
     check_flag("verify", verify)
     n, fraction = _check_request(n, fraction, blocks)
     inputs = Inputs.from_example(example_input)

@@ -8,24 +8,27 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-import networkx as nx
 import numpy as np
 import torch
 from torch import fx, nn
 
-from ..errors import InvalidModelError, InvalidOptionError, RuleError
+from ..errors import InvalidOptionError, RuleError
 from ..ops import RuleContext, has_module_rule, lookup, op_name, shape_function_for, traced_forward_for
 from ..ops.context import unlabeled
 from ..ops.registry import rules_are_strict
 from ..ops.thirdparty.transformers import tie_mirrored_buffers
-from ..options import TraceOptions, check_integer
+from ..options import TraceOptions, check_integer, require_prunable
 from .capture import Inputs, Trace, capture, eval_mode, mode
+from .example_input import check_input_dtype
 from .inspect import to_dot
 from .labels import ChannelState, Checkpoint, HeadSplit, Label, Space, WidthRecord, has_labels
 from .shapes import META_KEY, TensorMeta, fits, propagate_shapes
 from .solve import Group, solve
+
+if TYPE_CHECKING:  # networkx is imported where a graph is built: it costs about a second of start-up
+    import networkx as nx
 
 
 def named_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -53,11 +56,10 @@ class DependencyGraph:
     """
 
     def __init__(self, model: nn.Module, example_input: Any, *, tracer: str = "auto", attention: str = "heads"):
-        if not isinstance(model, nn.Module):
-            raise InvalidModelError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        self.model = require_prunable(model)  # a ScriptModule is refused here with what to pass instead
         TraceOptions(tracer=tracer, attention=attention)  # validates both, with what to pass instead
-        self.model = model
         self.inputs = Inputs.from_example(example_input)
+        check_input_dtype(model, self.inputs)  # an fp16 input into an fp32 model: say so, not a conv's dtype error
         self.tensors = named_tensors(model)
         self.attention = attention  # what a head split prunes: whole "heads" or the same "head_dims"
         self.state = ChannelState()
@@ -207,6 +209,8 @@ class DependencyGraph:
     def graph(self) -> nx.Graph:
         """networkx graph: one node per channel space, one edge per coupling (attribute ``ops``)."""
         if self._graph is None:
+            import networkx as nx
+
             g = nx.Graph()
             for s in self.state.spaces:
                 g.add_node(s.id, tensor=s.tensor, dim=s.dim, size=s.size, group=getattr(s, "group", None))
@@ -253,6 +257,8 @@ class DependencyGraph:
 
     def write(self, path: str) -> None:
         """Write the channel-space graph as GraphML (``.graphml``) or Graphviz DOT (``.dot``)."""
+        import networkx as nx
+
         g = nx.Graph()
         for node, data in self.graph.nodes(data=True):
             group = self.groups[data["group"]] if data["group"] is not None else None

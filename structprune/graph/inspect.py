@@ -1,7 +1,10 @@
 """Views of a dependency graph for people: Graphviz DOT text of the channel-space graph."""
 from __future__ import annotations
 
-import networkx as nx
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only an annotation here: the caller has imported networkx
+    import networkx as nx
 
 
 def to_dot(g: nx.Graph) -> str:

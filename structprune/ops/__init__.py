@@ -38,6 +38,7 @@ from .registry import (
                op_name,
                override,
                register_op,
+               register_when_imported,
                rule,
                shape_function_for,
                strict_rules,
@@ -46,8 +47,11 @@ from .registry import (
                weighted_layers,
                width_of,
 )
-from .thirdparty import timm, torchvision, transformers  # noqa: F401
+from .thirdparty import timm, transformers  # noqa: F401  (classes by name: neither library is imported)
+
+# torchvision's rules are keyed by its functions: registered once torchvision is imported, not at start-up
+register_when_imported("torchvision", "structprune.ops.thirdparty.torchvision")
 
 __all__ = ["OpSpec", "RuleContext", "find_updater", "has_module_rule", "input_axis", "is_weighted", "list_ops",
-           "lookup", "module_spec", "op_name", "override", "register_op", "rule", "shape_function_for",
-           "strict_rules", "traced_forward_for", "updater", "weighted_layers", "width_of"]
+           "lookup", "module_spec", "op_name", "override", "register_op", "register_when_imported", "rule",
+           "shape_function_for", "strict_rules", "traced_forward_for", "updater", "weighted_layers", "width_of"]

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import (
@@ -101,6 +103,9 @@ _CLASS_NAMES: set = set()  # "module.QualName" keys, so lookups only format name
 _RESOLVED: Dict[type, OpSpec] = {}  # class -> its effective spec; cleared on every registration
 _QUIET = [0]  # > 0 inside override(): its own registrations do not warn
 _STRICT: List[Optional[bool]] = [None]  # None: follow the STRUCTPRUNE_STRICT_RULES environment variable
+# library -> the structprune module registering rules for its functions, imported once the library is
+_DEFERRED: Dict[str, str] = {}
+_LOADED: List[Dict[Target, OpSpec]] = []  # the specs each deferred module registered, in load order
 
 
 # ---- targets ----------------------------------------------------------------------------------------------
@@ -218,8 +223,9 @@ def override(*targets: Target, **facts: Any) -> Iterator[None]:
     >>> with override(torch.fliplr, rule=my_fliplr_rule):
     ...     sp.slim(model, x, 0.5)
     """
+    load_deferred_rules()  # loaded inside the block, they would be lost with the block's registrations
     # a shallow copy suffices: specs are frozen dataclasses, replaced and never mutated
-    saved, saved_names = dict(_SPECS), set(_CLASS_NAMES)
+    saved, saved_names, loaded = dict(_SPECS), set(_CLASS_NAMES), len(_LOADED)
     try:
         _QUIET[0] += 1
         try:
@@ -233,6 +239,8 @@ def override(*targets: Target, **facts: Any) -> Iterator[None]:
         _SPECS.update(saved)
         _CLASS_NAMES.clear()
         _CLASS_NAMES.update(saved_names)
+        for specs in _LOADED[loaded:]:  # a library first imported inside the block keeps its rules
+            _SPECS.update(specs)
         _RESOLVED.clear()
 
 
@@ -241,8 +249,33 @@ def list_ops(kind: Optional[str] = None) -> List[OpSpec]:
     ``"container"``), sorted by kind and name."""
     if kind is not None and kind not in TARGET_KINDS:
         raise InvalidOptionError(f"kind must be one of {', '.join(map(repr, TARGET_KINDS))} or None; got {kind!r}")
+    load_deferred_rules()
     specs = [spec for spec in _SPECS.values() if kind is None or spec.kind == kind]
     return sorted(specs, key=lambda spec: (spec.kind, spec.name))
+
+
+# ---- rules for libraries imported later -------------------------------------------------------------------
+def register_when_imported(library: str, module: str) -> None:
+    """Import ``module``, which registers rules keyed by ``library``'s own functions, once ``library`` is imported.
+
+    A rule for a function needs the function object, so registering it imports its library; doing that
+    with ``import structprune`` would cost every user the library's start-up (torchvision: seconds).
+    A model that calls the function has imported the library before it is traced, so the rules are
+    registered at the first lookup after that (and by :func:`list_ops`). Modules and classes need no
+    deferral: they register by their ``"module.QualName"`` string."""
+    _DEFERRED[library] = module
+    load_deferred_rules()
+
+
+def load_deferred_rules() -> None:
+    """Register the rules deferred by :func:`register_when_imported` whose library is imported by now."""
+    if not _DEFERRED:
+        return
+    for library in [name for name in _DEFERRED if name in sys.modules]:
+        module = _DEFERRED.pop(library)  # popped first: the import below registers, and never runs twice
+        before = dict(_SPECS)
+        importlib.import_module(module)
+        _LOADED.append({key: spec for key, spec in _SPECS.items() if before.get(key) is not spec})
 
 
 # ---- strict rules -----------------------------------------------------------------------------------------
@@ -377,6 +410,7 @@ def lookup(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Rule]:
     if node.op == "call_method":
         return _rule_of("." + _strip_inplace(str(node.target)))
     if node.op == "call_function":
+        load_deferred_rules()
         target = node.target
         if isinstance(target, torch._ops.OpOverload):
             name = target.overloadpacket.__name__

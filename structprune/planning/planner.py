@@ -9,7 +9,9 @@ lets :func:`~structprune.planning.search.search_target` bisect on the ratio to h
   the lowest ``ratio`` of them go, at most ``max_group_ratio`` of any one layer;
 - ``ratios={"layer4.*": 0.7}`` fixes the ratio of matching layers (by module name); ``ignore``
   (names or globs, instances, or types) keeps the matching modules' own channels (a conv's
-  filters, a norm's channels) while they still follow a narrower input; ``round_to=N`` keeps
+  filters, a norm's channels) while they still follow a narrower input. A name or instance of a
+  parent (``"layer4"``, ``model.layer4``) covers every module inside it, and an entry that names no
+  module raises (see :mod:`structprune.planning.patterns`); ``round_to=N`` keeps
   widths that are multiples of N. Every layer and every member tensor keeps at least one channel;
 - ``hidden=False`` keeps every group whose channels a LayerNorm/RMSNorm (or another statistic over
   channels) normalises: in a transformer that is the residual stream (the hidden size), so only
@@ -21,14 +23,12 @@ lets :func:`~structprune.planning.search.search_target` bisect on the ratio to h
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-from torch import nn
 
 from ..errors import StructPruneError
 from ..graph.dependency_graph import DependencyGraph, Group
@@ -36,6 +36,7 @@ from ..ops.registry import input_axis
 from ..options import PlanOptions
 from ..scoring import Criterion, ScoringContext, normalize
 from .hardware import alignment, model_device_dtype
+from .patterns import all_modules, covers, ratio_for
 
 
 @dataclass
@@ -68,14 +69,6 @@ class _Layer:
     channels_per_unit: int = 1  # a head is head_dim channels of its projection
 
 
-def _matches(module_name: str, module: Optional[nn.Module], rule: Any) -> bool:
-    if isinstance(rule, str):
-        return fnmatch.fnmatchcase(module_name, rule) or module_name == rule
-    if isinstance(rule, type):
-        return isinstance(module, rule)
-    return module is rule
-
-
 class Planner:
     """Scores every prunable group once, then turns :class:`PlanOptions` into :class:`Plan` objects."""
 
@@ -85,11 +78,8 @@ class Planner:
         self.context = context
         self.scores: Dict[int, np.ndarray] = {}
         for group in dg.prunable_groups:
-            scores = np.asarray(_as_numpy(criterion(group, context)), dtype=np.float64).reshape(-1)
-            if scores.shape != (group.n_units,):
-                raise StructPruneError(f"criterion returned {scores.shape[0]} scores for group {group.id}, "
-                                       f"which has {group.n_units} units")
-            self.scores[group.id] = scores
+            self.scores[group.id] = checked_scores(criterion, group, criterion(group, context))
+        self.modules = all_modules(dg.model)  # every path, so that a rule naming a parent covers its children
         self.layers = self._layers(ignore)
         self.device, self.dtype = model_device_dtype(dg.model)
         self.excluded: set = set()  # group ids kept whole whatever the options (see exclude)
@@ -99,17 +89,17 @@ class Planner:
         self.excluded.update(group_ids)
 
     def _layers(self, ignore: Sequence[Any]) -> List[_Layer]:
-        modules = dict(self.dg.model.named_modules())
         ignore = list(ignore) if isinstance(ignore, (list, tuple, set)) else [ignore]
         layers = []
         for group in self.dg.prunable_groups:
             excluded = group.frozen_units.copy()
             for space, index in zip(group.spaces, group.unit_index):
                 owner, _, attribute = space.tensor.rpartition(".")
-                module = modules.get(owner)
-                # an ignored layer keeps its own channels but still follows a narrower input
+                module = self.modules.get(owner)
+                # an ignored layer (or one inside an ignored module) keeps its own channels but still follows a
+                # narrower input
                 if input_axis(module, attribute) != space.dim and any(
-                        _matches(owner, module, rule) for rule in ignore):
+                        covers(owner, rule, self.modules) for rule in ignore):
                     excluded[index] = True
             # one layer per producing space: a concatenation's group holds several, and each loses its own share;
             # origin -1 gathers the units no layer produces into one nameless layer
@@ -142,7 +132,7 @@ class Planner:
         pooled: List[Tuple[_Layer, np.ndarray]] = []
         ratios = options.ratios or {}  # PlanOptions turns None into {}
         for layer in self.layers_in_play(options):
-            fixed = next((r for pattern, r in ratios.items() if fnmatch.fnmatchcase(layer.name, pattern)), None)
+            fixed = self.fixed_ratio(layer, ratios)
             if options.scope == "local" or fixed is not None:
                 ratio = options.ratio if fixed is None else fixed
                 reference = (options.reference_widths or {}).get(layer.name)
@@ -162,6 +152,11 @@ class Planner:
             for (layer, _), drop in zip(pooled, self._global(pooled, options)):
                 chosen.setdefault(layer.group.id, []).append(self._rounded(layer, drop, options))
         return self.assemble(chosen, options)
+
+    def fixed_ratio(self, layer: _Layer, ratios: Mapping[str, float]) -> Optional[float]:
+        """The ratio ``ratios`` fixes for ``layer`` (a pattern naming it or a module it is in), or None.
+        The nameless layer (units no layer produces) is matched only by patterns that match ``""``."""
+        return ratio_for(layer.name, ratios, self.modules) if ratios else None
 
     def assemble(self, chosen: Dict[int, List[np.ndarray]], options: PlanOptions) -> Plan:
         """The plan dropping, per group id, the union of the given unit arrays (the same number in every
@@ -325,6 +320,24 @@ def _keep_every_space_alive(group: Group, drop: np.ndarray, scores: np.ndarray) 
             present = np.unique(index)
             dropped[present[np.argmax(scores[present])]] = False
     return np.flatnonzero(dropped)
+
+
+def checked_scores(criterion: Criterion, group: Group, raw: Any) -> np.ndarray:
+    """A criterion's scores for ``group`` as float64, one per unit; raises :class:`StructPruneError` for the
+    wrong count or a NaN, which ranks below and above everything at once and would silently decide what goes
+    (infinities are fine: they order)."""
+    scores = np.asarray(_as_numpy(raw), dtype=np.float64).reshape(-1)
+    if scores.shape != (group.n_units,):
+        raise StructPruneError(f"criterion {criterion.name!r} returned {scores.shape[0]} scores for group {group.id}, "
+                               f"which has {group.n_units} units")
+    nan = np.flatnonzero(np.isnan(scores))
+    if nan.size:
+        raise StructPruneError(
+            f"criterion {criterion.name!r} returned NaN for {nan.size} of the {group.n_units} units of group "
+            f"{group.id} ({group.spaces[0]}; units {nan[:8].tolist()}{' ...' if nan.size > 8 else ''}). Return "
+            f"finite scores, higher meaning more important (a division by a zero norm is the usual cause: add a "
+            f"small epsilon, or torch.nan_to_num the scores)")
+    return scores
 
 
 def _as_numpy(scores: Any) -> np.ndarray:

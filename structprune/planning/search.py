@@ -14,7 +14,6 @@ scope implies, bisecting on how many, until the target is met.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Sequence, Tuple
@@ -58,11 +57,11 @@ def layer_queues(planner: Planner, options: PlanOptions, start: Plan, *, capped:
                  skip_fixed: bool) -> List[LayerQueue]:
     """A :class:`LayerQueue` for every layer in play; ``capped`` applies ``max_group_ratio``, ``skip_fixed``
     leaves out the layers whose ratio ``ratios=`` fixes."""
-    fixed = list((options.ratios or {}).keys()) if skip_fixed else []
+    fixed = (options.ratios or {}) if skip_fixed else {}
     in_play = {id(layer) for layer in planner.layers_in_play(options)}
     queues = []
     for index, layer in enumerate(planner.layers):
-        if id(layer) not in in_play or any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in fixed):
+        if id(layer) not in in_play or planner.fixed_ratio(layer, fixed) is not None:
             continue
         already = np.isin(layer.units, start.drops.get(layer.group.id, np.empty(0, np.int64)))
         remaining = layer.units[~already]

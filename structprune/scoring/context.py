@@ -28,15 +28,44 @@ if TYPE_CHECKING:
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
+_LOSS_FN_HINT = ("pass your own loss, loss_fn=lambda model, batch: ...; for a Hugging Face language model with "
+                 "(input_ids, labels) batches: loss_fn=lambda model, batch: model(input_ids=batch[0], "
+                 "labels=batch[1]).loss")
+
+
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Cross-entropy of ``model(inputs)`` against ``targets`` for an ``(inputs, targets)`` batch."""
+    """Cross-entropy of ``model(inputs)`` against ``targets`` for an ``(inputs, targets)`` batch.
+
+    Any other kind of batch or model output (a language model's ``(batch, tokens, vocabulary)`` logits)
+    raises :class:`InvalidOptionError` saying what the default loss does and how to pass one that fits,
+    instead of PyTorch's ``Expected target size ...``."""
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise InvalidOptionError("calibration batches must be (inputs, targets) pairs for the default "
-                                 "cross-entropy loss; pass loss_fn=lambda model, batch: ... for anything else")
+                                 f"cross-entropy loss; {_LOSS_FN_HINT}")
     inputs, targets = batch
     output = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", output[0])
-    return F.cross_entropy(logits, targets)
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    return _cross_entropy(logits, targets)
+
+
+def _cross_entropy(logits: Any, targets: Any) -> torch.Tensor:
+    """``F.cross_entropy(logits, targets)``, or :class:`InvalidOptionError` naming both shapes when they do not
+    fit (the error a loss mismatch gives is PyTorch's, about sizes, with no word of ``loss_fn``)."""
+    try:
+        return F.cross_entropy(logits, targets)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        shapes = f"logits {_shape(logits)} against targets {_shape(targets)}"
+        raise InvalidOptionError(
+            f"the default loss of gradient criteria is cross-entropy of the model's logits (its output, "
+            f"output.logits or output[0]) against the targets of (inputs, targets) batches, and it does not fit "
+            f"this model: {shapes} failed ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}). "
+            f"{_LOSS_FN_HINT[0].upper()}{_LOSS_FN_HINT[1:]}") from error
+
+
+def _shape(value: Any) -> str:
+    return f"of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"of type {type(value).__name__}"
 
 
 GRADIENT_KINDS = ("abs", "channel_taylor", "element_taylor")

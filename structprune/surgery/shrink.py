@@ -37,10 +37,21 @@ def sliced_tensors(model: nn.Module, dg: DependencyGraph, dropped: np.ndarray) -
         new = old.detach()
         for dim, keep in dims:
             new = new.index_select(dim, torch.as_tensor(keep, device=new.device))
+        new = in_memory_format_of(old, new)
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(new, requires_grad=old.requires_grad)
         replacements[id(old)] = new
     return replacements
+
+
+def in_memory_format_of(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` laid out like ``old`` when that is channels_last (or channels_last_3d): ``index_select`` returns
+    a plain contiguous tensor, and a conv weight that lost its layout silently runs slower (or converts
+    every call) in a model the user prepared with ``model.to(memory_format=torch.channels_last)``."""
+    for memory_format, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if old.ndim == ndim and old.is_contiguous(memory_format=memory_format) and not old.is_contiguous():
+            return new.contiguous(memory_format=memory_format)
+    return new
 
 
 def _slots(model: nn.Module):

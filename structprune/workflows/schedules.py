@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterator, List, Optional
 from torch import nn
 
 from ..errors import InvalidOptionError
-from ..options import Options, check_choice, check_flag, check_fraction, check_integer
+from ..options import Options, check_choice, check_flag, check_fraction, check_integer, require_prunable
+from ..planning.patterns import by_name, check_rules_match
 from ..slim import SlimReport, slim_whole_model
 from ..tools.metrics import count_parameters
 from ..tools.progress import progress_bar
@@ -89,12 +90,15 @@ class Pruner:
 
     def __init__(self, model: nn.Module, example_input: Any, ratio: float, *, schedule: Any = None,
                  progress: bool = False, **slim_options):
-        self.model = model
+        self.model = require_prunable(model)
         self.example_input = example_input
         self.ratio = check_fraction("ratio", ratio)
         # a schedule fixes the ratios (and counts them from the original widths itself): no target here
         allowed = [name for name in Options.names() if name not in ("target", "reference_widths")]
-        Options.parse(slim_options, allowed=allowed, caller="Pruner")  # checked now, not at the first step
+        parsed = Options.parse(slim_options, allowed=allowed, caller="Pruner")  # checked now, not at the first step
+        check_rules_match(model, parsed.plan.ignore, parsed.plan.ratios)
+        if "ignore" in slim_options:  # steps after the first prune copies, which hold none of the caller's instances
+            slim_options = {**slim_options, "ignore": by_name(parsed.plan.ignore, model)}
         self.schedule = schedule if schedule is not None else OneShot()
         if not callable(getattr(self.schedule, "cumulative", None)):
             raise InvalidOptionError(f"schedule must be sp.OneShot(), sp.Iterative(...) or an object with a "

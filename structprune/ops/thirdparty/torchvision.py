@@ -1,7 +1,8 @@
 """Rules for functions that model zoos hide from fx with ``torch.fx.wrap``.
 
-Each entry names its reason. Registered only when the library that defines the function is
-installed; structprune never requires it.
+Each entry names its reason. This module imports torchvision, so structprune imports it only once
+the user has imported torchvision (``register_when_imported`` in ``ops/__init__.py``); structprune never
+requires it.
 """
 from __future__ import annotations
 
