@@ -19,6 +19,7 @@ Outputs: ``benchmarks/results/speedup_<device>.csv`` and ``.json``, plus
 
     python benchmarks/speedup.py --quick            # under 5 minutes on 2 CPU cores
     python benchmarks/speedup.py                    # the full sweep (ratios 0 .. 0.8, long on a CPU)
+    python benchmarks/speedup.py --plot benchmarks/results/speedup_cpu.json   # redraw the figures, no measuring
 """
 from __future__ import annotations
 
@@ -188,40 +189,97 @@ def write_outputs(rows: List[dict], args) -> None:
         plot(rows, device, meta)
 
 
+TITLES = {"resnet50": "ResNet-50", "mobilenet_v2": "MobileNetV2", "efficientnet_b0": "EfficientNet-B0",
+          "vit_b_16": "ViT-B/16", "minilm": "all-MiniLM-L6-v2", "llama_small": "LLaMA-style, 4 layers"}
+STYLES = {"structprune": dict(marker="o", color="tab:blue", label="structprune"),
+          "torch-pruning": dict(marker="s", color="tab:orange", label="Torch-Pruning 1.6.1")}
+
+
 def plot(rows: List[dict], device: str, meta: dict) -> None:
+    """Draw ``docs/speedup_latency_vs_macs[_gpu].png`` (one panel per model, in a grid) and
+    ``docs/speedup_vs_ratio[_gpu].png`` from result rows, as measured or as read back from the JSON."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], models):
-        for library, marker in (("structprune", "o"), ("torch-pruning", "s"), ("dense", "*")):
-            pts = [(r["macs"] / 1e6, r["latency_ms_b1"]) for r in rows if r["model"] == name and r["library"] == library
-                   and r.get("round_to", 1) == 1 and "latency_ms_b1" in r]
-            if pts:
-                ax.plot(*zip(*sorted(pts)), marker=marker, label=library, linestyle="-" if library != "dense" else "")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("MMACs")
-        ax.set_ylabel("latency, batch 1 (ms)")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{meta['device_name']}, {meta['threads']} threads, {meta['date']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(REPO, "docs", f"speedup_latency_vs_macs{'' if device == 'cpu' else '_gpu'}.png"), dpi=110)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    suffix = "" if device == "cpu" else "_gpu"
+    models = list(dict.fromkeys(r["model"] for r in rows))  # the order of the run
+    plain = [r for r in rows if r.get("round_to", 1) == 1]
+    columns = min(3, len(models))
+    grid_rows = -(-len(models) // columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.8 * columns, 4.1 * grid_rows + 0.9), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[len(models):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, models):
+        dense = next((r for r in plain if r["model"] == name and r["library"] == "dense" and "latency_ms_b1" in r), None)
+        scale, unit = (1e9, "GMACs") if dense and dense["macs"] >= 1e9 else (1e6, "MMACs")
+        if dense:  # latency falling exactly as fast as MACs: the line through the origin and the dense model
+            x_max = dense["macs"] / scale * 1.08
+            ax.plot([0, x_max], [0, dense["latency_ms_b1"] * x_max / (dense["macs"] / scale)], color="#999999",
+                    linestyle=":", linewidth=1.5)
+            ax.plot(dense["macs"] / scale, dense["latency_ms_b1"], marker="*", markersize=16, color="black",
+                    linestyle="")
+        failed = 0
+        for library, style in STYLES.items():
+            mine = [r for r in plain if r["model"] == name and r["library"] == library]
+            failed += sum("error" in r for r in mine) if library == "torch-pruning" else 0
+            points = [(r["macs"] / scale, r["latency_ms_b1"], r["ratio"])
+                      for r in sorted(mine, key=lambda r: r["ratio"]) if "latency_ms_b1" in r]  # joined by ratio
+            if not points:
+                continue
+            xs, ys, ratios = zip(*points)
+            ax.plot(xs, ys, markersize=7, linewidth=2, **{k: v for k, v in style.items() if k != "label"})
+            if library == "structprune":
+                for x, y, ratio in points:
+                    ax.annotate(f"{ratio:g}", (x, y), textcoords="offset points", xytext=(6, -12), fontsize=10,
+                                color=style["color"])
+        if failed:
+            ax.text(0.97, 0.04, f"Torch-Pruning failed at {failed} of "
+                    f"{sum(r['model'] == name and r['library'] == 'torch-pruning' for r in plain)} ratios",
+                    transform=ax.transAxes, ha="right", va="bottom", fontsize=10, color=STYLES["torch-pruning"]["color"])
+        ax.set_title(TITLES.get(name, name), fontsize=14)
+        ax.set_xlabel(unit, fontsize=12)
+        ax.set_ylabel("latency, batch 1 (ms)", fontsize=12)
+        ax.tick_params(labelsize=11)
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(color="#e6e6e6")
+    handles = [Line2D([], [], marker=s["marker"], color=s["color"], linewidth=2, markersize=7, label=s["label"])
+               for s in STYLES.values()]
+    handles += [Line2D([], [], marker="*", markersize=14, color="black", linestyle="", label="unpruned"),
+                Line2D([], [], color="#999999", linestyle=":", linewidth=1.5, label="latency proportional to MACs")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=12, frameon=False)
+    fig.suptitle(f"Latency against MACs, pruning ratio next to each structprune point ({meta['device_name']}, "
+                 f"{meta['threads']} threads, torch {meta['torch'].split('+')[0]}, {meta['date']})", fontsize=14)
+    fig.savefig(os.path.join(REPO, "docs", f"speedup_latency_vs_macs{suffix}.png"), dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(10, 5.2), layout="constrained")
     for name in models:
-        pts = sorted((r["ratio"], r["speedup_b1"]) for r in rows if r["model"] == name and r["library"] == "structprune"
-                     and r.get("round_to", 1) == 1 and "speedup_b1" in r)
-        macs = sorted((r["ratio"], r["mac_reduction"]) for r in rows if r["model"] == name
-                      and r["library"] == "structprune" and r.get("round_to", 1) == 1 and "mac_reduction" in r)
+        pts = sorted((r["ratio"], r["speedup_b1"]) for r in plain if r["model"] == name and r["library"] == "structprune"
+                     and "speedup_b1" in r)
+        macs = sorted((r["ratio"], r["mac_reduction"]) for r in plain if r["model"] == name
+                      and r["library"] == "structprune" and "mac_reduction" in r)
         if pts:
-            line = ax.plot(*zip(*pts), marker="o", label=f"{name} latency")[0]
-            ax.plot(*zip(*macs), linestyle="--", color=line.get_color(), label=f"{name} MACs")
-    ax.set_xlabel("ratio")
-    ax.set_ylabel("x faster (solid) / x fewer MACs (dashed)")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(REPO, "docs", f"speedup_vs_ratio{'' if device == 'cpu' else '_gpu'}.png"), dpi=110)
+            line = ax.plot(*zip(*pts), marker="o", linewidth=2, label=f"{TITLES.get(name, name)}: latency")[0]
+            ax.plot(*zip(*macs), linestyle="--", color=line.get_color(), label=f"{TITLES.get(name, name)}: MACs")
+    ax.set_xlabel("pruning ratio", fontsize=12)
+    ax.set_ylabel("x faster (solid) / x fewer MACs (dashed)", fontsize=12)
+    ax.tick_params(labelsize=11)
+    ax.grid(color="#e6e6e6")
+    ax.legend(fontsize=10, loc="upper left", ncols=2)
+    fig.savefig(os.path.join(REPO, "docs", f"speedup_vs_ratio{suffix}.png"), dpi=100)
+    plt.close(fig)
+
+
+def redraw(path: str) -> None:
+    """Draw the figures of a saved run (``benchmarks/results/speedup_<device>.json``) without measuring."""
+    with open(path) as f:
+        saved = json.load(f)
+    rows = saved["rows"]
+    plot(rows, rows[0]["device"] if rows else "cpu", saved["meta"])
 
 
 def markdown(rows: List[dict]) -> str:
@@ -262,11 +320,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--channels-last", action="store_true", help="also time CNNs in channels_last")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is present")
     parser.add_argument("--report", metavar="JSON", help="print the markdown table of a saved run and exit")
+    parser.add_argument("--plot", metavar="JSON", help="redraw the figures in docs/ from a saved run and exit")
     parser.add_argument("--tag", default="", help="suffix of the result files (no plots are drawn for tagged runs)")
     args = parser.parse_args(argv)
     if args.report:
         with open(args.report) as f:
             print(markdown(json.load(f)["rows"]))
+        return
+    if args.plot:
+        redraw(args.plot)
         return
     torch.set_num_threads(args.threads)
     args.models = args.models.split(",")

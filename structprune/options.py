@@ -164,9 +164,10 @@ def check_ratios(ratios: Any) -> Dict[str, float]:
 class TraceOptions:
     """How the graph is captured (``tracer``) and what a head split prunes (``attention``).
 
-    tracer: ``"auto"`` (torch.fx, then torch.export when fx fails), ``"fx"`` or ``"export"``.
-    attention: where a projection is split into heads, prune whole ``"heads"`` (grouped-query
-        attention drops a key/value head with its query heads) or the same ``"head_dims"`` in every head.
+    Attributes:
+        tracer: ``"auto"`` (torch.fx, then torch.export when fx fails), ``"fx"`` or ``"export"``.
+        attention: where a projection is split into heads, prune whole ``"heads"`` (grouped-query
+            attention drops a key/value head with its query heads) or the same ``"head_dims"`` in every head.
     """
 
     tracer: str = "auto"
@@ -181,13 +182,15 @@ class TraceOptions:
 class ScoreOptions:
     """How channels are ranked.
 
-    criterion: a registered name (``sp.list_criteria()``: ``"l2"`` by default, ``"l1"``,
-        ``"magnitude"``, ``"gradient"``, ``"taylor"``, ``"fpgm"``, ``"bn_scale"``, ``"random"``), a
-        :class:`~structprune.scoring.Criterion`, or a function ``(group, context) -> scores``.
-    data, loss_fn: calibration batches and ``loss_fn(model, batch)`` for gradient criteria (default
-        loss: cross-entropy on ``(inputs, targets)`` batches).
-    reduction: how the scores of a unit's members combine: ``"mean"``, ``"sum"`` or ``"max"``.
-    seed: seed of the ``random`` criterion.
+    Attributes:
+        criterion: a registered name (``sp.list_criteria()``: ``"l2"`` by default, ``"l1"``,
+            ``"magnitude"``, ``"gradient"``, ``"taylor"``, ``"fpgm"``, ``"bn_scale"``, ``"random"``), a
+            :class:`~structprune.scoring.Criterion`, or a function ``(group, context) -> scores``.
+        data: calibration batches (a list or a DataLoader).
+        loss_fn: ``loss_fn(model, batch)`` for gradient criteria (default loss: cross-entropy on
+            ``(inputs, targets)`` batches).
+        reduction: how the scores of a unit's members combine: ``"mean"``, ``"sum"`` or ``"max"``.
+        seed: seed of the ``random`` criterion.
     """
 
     criterion: Any = "l2"
@@ -219,34 +222,36 @@ class ScoreOptions:
 class PlanOptions:
     """How much to remove and where.
 
-    ratio: fraction of channels removed, in [0, 1): from every layer (``scope="local"``) or from the
-        whole model, least important first (``scope="global"``). At least one channel of every layer
-        is kept. Ignored when ``target`` is given.
-    target: ``{"params": f}`` or ``{"macs": f}``: remove that fraction of the model instead (within one
-        percentage point); ``{"latency": f}``: remove that fraction of the forward's latency, measured on
-        the model's device and dtype at the example input's batch (the pruned model runs in
-        ``1 - f`` of the dense time, within 5% of it).
-    scope: ``"local"`` or ``"global"``; ``max_group_ratio`` caps what global scope takes from one layer.
-    round_to: keep widths that are multiples of this number of channels. ``"auto"`` (the default) keeps
-        the widths the model's device and dtype run well (multiples of up to 64 on a GPU, 16 on a CPU
-        in fp32; see :mod:`structprune.planning.hardware`); ``None`` keeps exactly what the ratio gives.
-    ignore: modules kept whole: names or globs, instances, or classes; a parent (``"layer4"``,
-        ``model.layer4``) covers every module in it. An entry naming no module of the model raises
-        :class:`~structprune.errors.InvalidOptionError` when the session starts
-        (see :mod:`structprune.planning.patterns`).
-    ratios: ``{"module.glob.*": ratio}`` overrides for matching layers, a parent's name covering the
-        layers in it (a pattern naming the layer itself wins); a pattern naming no module raises.
-    normalize: per-group score normalisation for global ranking: ``"mean"``, ``"max"``, ``"sum"``,
-        ``"standard"`` (z-scores, FLAP's adaptive structure) or None.
-    hidden: also prune widths that LayerNorm/RMSNorm normalise (a transformer's residual stream).
-    uniform_blocks: repeated blocks (layers whose paths differ only in the block number, such as
-        ``model.layers.3.mlp`` and ``model.layers.7.mlp``) all keep the same width, the mean of what the
-        plan gave them, each dropping its own lowest-scoring units. ``None`` (the default) does so for
-        Hugging Face models, whose config holds one width per kind of layer: then ``save_pretrained`` and
-        ``from_pretrained`` rebuild the pruned model. ``False`` lets every block keep its own width (a better
-        allocation; reload with :func:`structprune.load`).
-    reference_widths: layer name -> width before any pruning; ``ratio`` then counts from those widths
-        (what :class:`~structprune.Pruner` uses so a schedule's cumulative targets are met exactly).
+    Attributes:
+        ratio: fraction of channels removed, in [0, 1): from every layer (``scope="local"``) or from the
+            whole model, least important first (``scope="global"``). At least one channel of every layer
+            is kept. Ignored when ``target`` is given.
+        target: ``{"params": f}`` or ``{"macs": f}``: remove that fraction of the model instead (within one
+            percentage point); ``{"latency": f}``: remove that fraction of the forward's latency, measured on
+            the model's device and dtype at the example input's batch (the pruned model runs in
+            ``1 - f`` of the dense time, within 5% of it).
+        scope: ``"local"`` or ``"global"``.
+        max_group_ratio: the largest fraction global scope takes from any one layer (1.0: no cap).
+        round_to: keep widths that are multiples of this number of channels. ``"auto"`` (the default) keeps
+            the widths the model's device and dtype run well (multiples of up to 64 on a GPU, 16 on a CPU
+            in fp32; see :mod:`structprune.planning.hardware`); ``None`` keeps exactly what the ratio gives.
+        ignore: modules kept whole: names or globs, instances, or classes; a parent (``"layer4"``,
+            ``model.layer4``) covers every module in it. An entry naming no module of the model raises
+            :class:`~structprune.errors.InvalidOptionError` when the session starts
+            (see :mod:`structprune.planning.patterns`).
+        ratios: ``{"module.glob.*": ratio}`` overrides for matching layers, a parent's name covering the
+            layers in it (a pattern naming the layer itself wins); a pattern naming no module raises.
+        normalize: per-group score normalisation for global ranking: ``"mean"``, ``"max"``, ``"sum"``,
+            ``"standard"`` (z-scores, FLAP's adaptive structure) or None.
+        hidden: also prune widths that LayerNorm/RMSNorm normalise (a transformer's residual stream).
+        uniform_blocks: repeated blocks (layers whose paths differ only in the block number, such as
+            ``model.layers.3.mlp`` and ``model.layers.7.mlp``) all keep the same width, the mean of what the
+            plan gave them, each dropping its own lowest-scoring units. ``None`` (the default) does so for
+            Hugging Face models, whose config holds one width per kind of layer: then ``save_pretrained`` and
+            ``from_pretrained`` rebuild the pruned model. ``False`` lets every block keep its own width (a better
+            allocation; reload with :func:`structprune.load`).
+        reference_widths: layer name -> width before any pruning; ``ratio`` then counts from those widths
+            (what :class:`~structprune.Pruner` uses so a schedule's cumulative targets are met exactly).
     """
 
     ratio: float = 0.5
@@ -298,14 +303,15 @@ class PlanOptions:
 class PruneOptions:
     """How a plan is applied.
 
-    verify: check the pruned model against the original with the removed channels zeroed and raise
-        :class:`~structprune.VerificationError` (leaving the model untouched) if they disagree.
-    inplace: prune the model itself instead of a copy (restored if anything fails).
-    compensate: fold the mean contribution of every removed input channel into the bias of the linear
-        layers (and unpadded convolutions) that read it, adding biases where there were none (FLAP's bias
-        compensation; see :mod:`structprune.surgery.compensation`): the calibration mean with ``data=``,
-        else only channels that are constant whatever the input (dead channels with a nonzero
-        activation). Verification then holds those channels at those values.
+    Attributes:
+        verify: check the pruned model against the original with the removed channels zeroed and raise
+            :class:`~structprune.VerificationError` (leaving the model untouched) if they disagree.
+        inplace: prune the model itself instead of a copy (restored if anything fails).
+        compensate: fold the mean contribution of every removed input channel into the bias of the linear
+            layers (and unpadded convolutions) that read it, adding biases where there were none (FLAP's
+            bias compensation; see :mod:`structprune.surgery.compensation`): the calibration mean with
+            ``data=``, else only channels that are constant whatever the input (dead channels with a
+            nonzero activation). Verification then holds those channels at those values.
     """
 
     verify: bool = True

@@ -62,11 +62,12 @@ class PruningSession:
     """One pruning run over ``model`` for ``example_input`` with ``options``.
 
     The dependency graph is built on construction (pass ``graph=`` to reuse one built for the same
-    model); the later stages run on demand:
+    model); the later stages run on demand.
 
-    >>> session = PruningSession(model, x, Options.from_kwargs(ratio=0.3))
-    >>> plan = session.plan()                     # score, plan, dry run
-    >>> small, verdict = session.apply(plan)      # shrink a copy, verify it
+    Examples:
+        >>> session = PruningSession(model, x, Options.from_kwargs(ratio=0.3))
+        >>> plan = session.plan()                     # score, plan, dry run
+        >>> small, verdict = session.apply(plan)      # shrink a copy, verify it
     """
 
     def __init__(self, model: nn.Module, example_input: Any, options: Optional[Options] = None, *,

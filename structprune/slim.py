@@ -22,7 +22,19 @@ from .verify import VerificationResult
 
 @dataclass
 class SlimReport:
-    """What ``slim`` did: the graph it built, what it dropped, sizes, and the verification verdict."""
+    """What :func:`slim` did: the graph it built, what it dropped, sizes, and the verification verdict.
+
+    ``str(report)`` summarises it in a few lines.
+
+    Attributes:
+        graph: the dependency graph of the original model.
+        plan: the plan that was applied (dropped units per group).
+        params_before: parameter count of the original model.
+        params_after: parameter count of the pruned model.
+        verification: the verdict (None with ``verify=False``).
+        pruned_groups: group id -> ``(units before, units after)`` for every group the plan shrank.
+        widths: producing layer -> its prunable width before pruning.
+    """
 
     graph: DependencyGraph
     plan: Plan
@@ -34,10 +46,12 @@ class SlimReport:
 
     @property
     def groups_pruned(self) -> int:
+        """Number of channel groups the plan shrank."""
         return len(self.pruned_groups)
 
     @property
     def unknown_ops(self) -> Dict[str, int]:
+        """Op -> how many times it occurs without a rule (their channels were kept)."""
         return dict(self.graph.unknown_ops)
 
     def __str__(self) -> str:
@@ -98,43 +112,55 @@ def slim(model: nn.Module, example_input: Any, ratio: float = 0.5, **options: An
             from the whole model, least important first (``scope="global"``). At least one channel
             of every layer is kept.
 
-    Keyword options (the fields of :class:`~structprune.options.Options`; an unknown one raises
-    :class:`~structprune.errors.InvalidOptionError` naming the closest valid one):
-        criterion: ``"l2"`` (default), ``"l1"``, ``"magnitude"``, ``"gradient"``, ``"taylor"``,
-            ``"fpgm"``, ``"bn_scale"``, ``"random"``, the activation-aware ``"wanda"`` and ``"flap"``,
-            or a function ``(group, context) -> scores``.
-        data, loss_fn: calibration batches; ``loss_fn(model, batch)`` for gradient criteria
-            (default loss: cross-entropy on ``(inputs, targets)`` batches). Activation-aware criteria
-            and bias compensation only run the batches (tensors, dicts of inputs, or pairs).
-        reduction: combine member scores by ``"mean"`` (default), ``"sum"`` or ``"max"``.
-        normalize: per-group score normalisation for global ranking (``"mean"``, ``"max"``,
-            ``"sum"`` or None).
-        scope: ``"local"`` (default) or ``"global"``; ``max_group_ratio`` caps what global scope
-            takes from any one layer.
-        target: ``{"params": f}`` or ``{"macs": f}``: remove that fraction instead of a channel
-            ratio (reached within one percentage point).
-        round_to: keep widths that are multiples of this number.
-        ignore: modules kept whole: names or globs, instances, or classes; a parent (``"layer4"``,
-            ``model.layer4``) covers every module in it, and an entry naming no module raises.
-        ratios: ``{"module.glob.*": ratio}`` overrides for matching layers (a parent's name covers
-            the layers in it); a pattern naming no module raises.
-        seed: seed of the ``random`` criterion.
-        verify: check the pruned model against the original with the removed channels zeroed and
-            raise :class:`VerificationError` (leaving ``model`` untouched) if they disagree.
-        inplace: prune ``model`` itself instead of a deep copy (restored if anything fails).
-        compensate: fold the calibration mean (with ``data``) of every removed input channel into the
-            bias of the linear layers reading it (default True; FLAP's bias compensation); without
-            ``data``, only channels that are constant whatever the input (dead channels) are folded.
-        tracer: ``"auto"`` (torch.fx, then torch.export when fx fails), ``"fx"`` or ``"export"``.
-        attention: where a projection is split into heads (found in the graph, no head count needed),
-            prune whole ``"heads"`` (default; grouped-query attention drops a key/value head with its
-            query heads) or the same ``"head_dims"`` in every head (the softmax scale is kept: head
-            dims under an implicit ``1/sqrt(head_dim)`` scale stay whole).
-        hidden: also prune widths that LayerNorm/RMSNorm normalise (a transformer's residual stream,
-            embeddings and tied heads included). ``False`` prunes only heads and feed-forward widths.
-        uniform_blocks: repeated blocks (``model.layers.3.mlp``, ``model.layers.7.mlp``) keep one width.
-            ``None`` (default): on for Hugging Face models, so that their config describes the pruned
-            model and ``save_pretrained``/``from_pretrained`` rebuild it; ``False``: each block its own.
+    Keyword Args:
+        criterion (str | Criterion | Callable): how channels are ranked: ``"l2"`` (default), ``"l1"``,
+            ``"magnitude"``, ``"gradient"``, ``"taylor"``, ``"fpgm"``, ``"bn_scale"``, ``"random"``, the
+            activation-aware ``"wanda"`` and ``"flap"``, any name :func:`register_criterion` added, or a
+            function ``(group, context) -> scores``.
+        data (Iterable | None): calibration batches (a list or a DataLoader): gradient criteria compute
+            ``loss_fn`` on them; activation-aware criteria and bias compensation only run them (tensors,
+            dicts of inputs, or ``(inputs, targets)`` pairs).
+        loss_fn (Callable | None): ``loss_fn(model, batch) -> scalar`` for gradient criteria (default:
+            cross-entropy on ``(inputs, targets)`` batches).
+        reduction (str): combine member scores by ``"mean"`` (default), ``"sum"`` or ``"max"``.
+        seed (int | None): seed of the ``random`` criterion.
+        target (Mapping[str, float] | None): ``{"params": f}`` or ``{"macs": f}``: remove that fraction of
+            the model instead of a channel ratio (reached within one percentage point); ``{"latency": f}``:
+            that fraction of the forward's latency, measured on the model's device and dtype.
+        scope (str): ``"local"`` (default) or ``"global"``.
+        max_group_ratio (float): the most global scope takes from any one layer (default 1.0: no cap).
+        round_to (int | str | None): keep widths that are multiples of this number; ``"auto"`` (default)
+            picks what the model's device and dtype run well, None keeps exactly what the ratio gives.
+        ignore (str | nn.Module | type | Iterable): modules kept whole: names or globs, instances, or
+            classes; a parent (``"layer4"``, ``model.layer4``) covers every module in it, and an entry
+            naming no module raises.
+        ratios (Mapping[str, float] | None): ``{"module.glob.*": ratio}`` overrides for matching layers (a
+            parent's name covers the layers in it); a pattern naming no module raises.
+        normalize (str | None): per-group score normalisation for global ranking: ``"mean"`` (default),
+            ``"max"``, ``"sum"``, ``"standard"`` or None.
+        hidden (bool): also prune widths that LayerNorm/RMSNorm normalise (a transformer's residual stream,
+            embeddings and tied heads included; default True). ``False`` prunes only heads and
+            feed-forward widths.
+        uniform_blocks (bool | None): repeated blocks (``model.layers.3.mlp``, ``model.layers.7.mlp``) keep
+            one width. ``None`` (default): on for Hugging Face models, so that their config describes the
+            pruned model and ``save_pretrained``/``from_pretrained`` rebuild it; ``False``: each block its own.
+        reference_widths (Mapping[str, int] | None): layer name -> width before any pruning; ``ratio`` then
+            counts from those widths (what :class:`Pruner` passes between steps).
+        verify (bool): check the pruned model against the original with the removed channels zeroed and
+            raise :class:`VerificationError` (leaving ``model`` untouched) if they disagree (default True).
+        inplace (bool): prune ``model`` itself instead of a deep copy (restored if anything fails; default
+            False).
+        compensate (bool): fold the calibration mean (with ``data``) of every removed input channel into the
+            bias of the linear layers reading it (default True; FLAP's bias compensation); without ``data``,
+            only channels that are constant whatever the input (dead channels) are folded.
+        tracer (str): ``"auto"`` (default: torch.fx, then torch.export when fx fails), ``"fx"`` or
+            ``"export"``.
+        attention (str): where a projection is split into heads (found in the graph, no head count
+            needed), prune whole ``"heads"`` (default; grouped-query attention drops a key/value head with
+            its query heads) or the same ``"head_dims"`` in every head (the softmax scale is kept: head dims
+            under an implicit ``1/sqrt(head_dim)`` scale stay whole).
+
+    The keyword options are the fields of :class:`Options`, given flat.
 
     A model that neither tracer can capture whole (a detector's data-dependent ``forward``) is pruned
     part by part: its largest submodules that do capture, each on the input it receives, each verified,
@@ -142,5 +168,11 @@ def slim(model: nn.Module, example_input: Any, ratio: float = 0.5, **options: An
 
     Returns:
         The pruned model: same classes, attribute names and ``state_dict`` keys, smaller tensors.
+
+    Raises:
+        InvalidOptionError: an unknown keyword option (the message names the closest valid one), or a value
+            an option cannot take.
+        VerificationError: with ``verify=True``, the pruned model disagrees with the original
+            (``model`` is left untouched).
     """
     return slim_with_report(model, example_input, ratio, **options)[0]

@@ -32,6 +32,18 @@ from .surgery.shrink import shrunk_copy
 
 @dataclass
 class VerificationResult:
+    """The verdict of comparing a pruned model with the original whose dropped channels are zeroed.
+
+    Attributes:
+        passed: the pruned model reproduced the zeroed original (within float tolerance when ``exact``).
+        exact: values were compared; False where an op mixes channels over a pruned axis (LayerNorm,
+            softmax), so only the output shapes and finiteness could be checked.
+        max_abs_error: the largest output difference relative to the largest reference magnitude (0.0
+            when values were not compared; inf when the pruned model failed to run or its outputs differ
+            in number, shape, integer values or finiteness).
+        message: what was found, in words (also what ``str()`` gives).
+    """
+
     passed: bool
     exact: bool  # True: values compared; False: shapes and finiteness only
     max_abs_error: float

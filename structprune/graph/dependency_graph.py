@@ -51,8 +51,9 @@ def canonical_names(tensors: Dict[str, torch.Tensor]) -> Dict[int, str]:
 class DependencyGraph:
     """Coupled channel groups of ``model`` for ``example_input``.
 
-    >>> dg = DependencyGraph(model, torch.randn(1, 3, 224, 224))
-    >>> [g for g in dg.groups if g.prunable]
+    Examples:
+        >>> dg = DependencyGraph(model, torch.randn(1, 3, 224, 224))
+        >>> [g for g in dg.groups if g.prunable]
     """
 
     def __init__(self, model: nn.Module, example_input: Any, *, tracer: str = "auto", attention: str = "heads"):

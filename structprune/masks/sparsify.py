@@ -27,17 +27,36 @@ def sparsify(model: nn.Module, sparsity: float = 0.5, granularity: str = "elemen
              seed: Optional[int] = None, **channel_options: Any) -> SparsityReport:
     """Mask ``model`` in place at ``granularity`` and return its :func:`sparsity_report`.
 
-    ``sparsity`` is the fraction of structures (weights, vectors, kernels, channels) masked: in
-    every tensor (``scope="local"``) or across all of them, lowest scores first
-    (``scope="global"``; structures are compared by their mean score so sizes do not matter).
-    ``"nm"`` ignores it (N:M fixes it at (m - n) / m). ``granularity``: one of
-    :func:`~structprune.list_granularities` (element, nm, vector, kernel, channel). ``criterion``: any
-    registered criterion with an element form (l1, l2, magnitude, gradient, taylor, random; gradients
-    from ``data`` and ``loss_fn``), or for channels any criterion at all. ``targets``: globs of parameter
-    names to mask instead of the Linear/Conv weights. ``"channel"`` needs ``example_input`` and masks
-    every tensor that shares the channels (the next layer's inputs, norms, biases); ``channel_options``
-    are the options of :func:`structprune.slim` (``ignore``, ``ratios``, ``round_to``, ``hidden``,
-    ``tracer``, ``attention``...).
+    Args:
+        model: the model to mask, in place (its weights are parametrized: ``weight -> weight * mask``).
+        sparsity: the fraction of structures (weights, vectors, kernels, channels) masked: in every tensor
+            (``scope="local"``) or across all of them, lowest scores first (``scope="global"``; structures
+            are compared by their mean score so sizes do not matter). ``"nm"`` ignores it (N:M fixes it at
+            (m - n) / m).
+        granularity: one of :func:`~structprune.list_granularities` (element, nm, vector, kernel, channel).
+        n: with ``"nm"``, the weights kept in every run of ``m`` along the input dimension.
+        m: with ``"nm"``, the length of a run.
+        axis: with ``"vector"``, mask whole rows (``"row"``: an output's weights) or columns
+            (``"column"``: an input's weights).
+        scope: ``"local"`` or ``"global"`` (see ``sparsity``).
+        criterion: any registered criterion with an element form (l1, l2, magnitude, gradient, taylor,
+            random), or for channels any criterion at all.
+        data: calibration batches for gradient criteria.
+        loss_fn: ``loss_fn(model, batch)`` for gradient criteria.
+        example_input: needed by ``"channel"``, which masks every tensor that shares the channels (the
+            next layer's inputs, norms, biases).
+        targets: globs of parameter names to mask instead of the Linear/Conv weights.
+        seed: seed of the ``random`` criterion.
+        **channel_options: with ``"channel"``, the options of :func:`structprune.slim` (``ignore``,
+            ``ratios``, ``round_to``, ``hidden``, ``tracer``, ``attention``...).
+
+    Examples:
+        ```python
+        sp.sparsify(model, sparsity=0.5)                                  # fine-grained, local, L1
+        sp.sparsify(model, granularity="nm", n=2, m=4)
+        sp.sparsify(model, sparsity=0.3, granularity="channel", example_input=x, scope="global")
+        print(sp.sparsity_report(model))
+        ```
     """
     require_module(model)
     strategy = get_granularity(granularity)

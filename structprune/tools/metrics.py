@@ -16,11 +16,15 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, example_input: Any) -> int:
-    """Multiply-accumulates of one forward pass (FLOPs / 2 as counted by FlopCounterMode)."""
+    """Multiply-accumulates of one forward pass (FLOPs / 2 as counted by FlopCounterMode), fused attention
+    kernels included (:mod:`structprune.tools.flop_formulas`): the count is the same on a CPU, a GPU
+    and the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .flop_formulas import FLOP_FORMULAS
+
     inputs = Inputs.from_example(example_input)
-    with torch.no_grad(), eval_mode(model), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), eval_mode(model), FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         model(*inputs.args, **inputs.kwargs)
     return counter.get_total_flops() // 2
 

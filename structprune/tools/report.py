@@ -15,6 +15,8 @@ from ..ops.registry import width_of
 from ..options import check_flag, require_module
 from .metrics import count_macs, count_parameters, latency_ms
 
+PLOT_ROW_IN, PLOT_MARGIN_IN, PLOT_FONT_PT = 0.2, 1.6, 8  # Report.plot: inches per layer, inches of axes/title, font
+
 
 @dataclass
 class Report:
@@ -43,21 +45,31 @@ class Report:
         return "\n".join(lines)
 
     def plot(self, path: str) -> None:
-        """Save a bar chart of every layer's width before and after."""
+        """Save a chart of every layer's width before and after: one horizontal bar per layer, in model
+        order from the top, labelled with the layer's name. The figure grows with the number of layers
+        (a row per layer), so every name stays readable at a constant size, a ResNet-50's as well as a
+        small model's; width axes on top and bottom keep a tall chart readable anywhere."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         names = [name for name, _, _ in self.layers]
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(names) + 2), 4))
-        positions = range(len(names))
-        ax.bar(positions, [b for _, b, _ in self.layers], color="#bbbbbb", label="before")
-        ax.bar(positions, [a for _, _, a in self.layers], color="tab:blue", label="after")
-        ax.set_xticks(list(positions))
-        ax.set_xticklabels(names, rotation=90, fontsize=6)
-        ax.set_ylabel("width (channels)")
-        ax.legend()
-        fig.tight_layout()
+        rows = max(len(names), 1)
+        fig, ax = plt.subplots(figsize=(8.0, PLOT_MARGIN_IN + PLOT_ROW_IN * rows), layout="constrained")
+        positions = list(range(len(names)))
+        ax.barh(positions, [b for _, b, _ in self.layers], height=0.8, color="#c8c8c8", label="before")
+        ax.barh(positions, [a for _, _, a in self.layers], height=0.8, color="tab:blue", label="after")
+        ax.set_yticks(positions)
+        ax.set_yticklabels(names, fontsize=PLOT_FONT_PT)
+        ax.set_ylim(rows - 0.5, -0.5)  # the first layer on top
+        ax.tick_params(axis="x", labelsize=PLOT_FONT_PT + 1, top=True, labeltop=True)
+        ax.grid(axis="x", color="#e4e4e4")
+        ax.set_axisbelow(True)
+        ax.set_xlabel("width (channels)", fontsize=PLOT_FONT_PT + 2)
+        narrower = sum(before != after for _, before, after in self.layers)
+        ax.set_title(f"Layer widths before and after pruning: {narrower} of {len(names)} layers narrower",
+                     fontsize=PLOT_FONT_PT + 3)
+        fig.legend(loc="outside upper right", ncols=2, fontsize=PLOT_FONT_PT + 1, frameon=False)
         fig.savefig(path, dpi=120)
         plt.close(fig)
 

@@ -53,10 +53,13 @@ SETTINGS = ("lr", "weight_decay", "temperature", "alpha", "hidden")  # a resumed
 class DistillResult:
     """What a :func:`distill` run did.
 
-    ``steps``: optimizer steps taken in total (a resumed run counts the earlier ones too); ``losses``: the
-    loss of every step, in order; ``resumed_from``: the step a checkpoint was resumed at (0 for a fresh
-    run); ``stopped``: why the run ended (``"steps"``, ``"data"`` when ``epochs`` passes over the data were
-    done, ``"time"`` when ``max_seconds`` ran out).
+    Attributes:
+        steps: optimizer steps taken in total (a resumed run counts the earlier ones too).
+        seconds: wall-clock seconds this call took (a resumed run counts only its own).
+        losses: the loss of every step, in order.
+        resumed_from: the step a checkpoint was resumed at (0 for a fresh run).
+        stopped: why the run ended: ``"steps"``, ``"data"`` when ``epochs`` passes over the data were
+            done, ``"time"`` when ``max_seconds`` ran out.
     """
 
     steps: int

@@ -25,9 +25,10 @@ ELEMENT_OPTIONS = ("scope", "data", "loss_fn", "seed", "targets")  # what an ele
 class LotteryTicket:
     """Remember ``model``'s weights now; after training, prune and rewind the survivors.
 
-    >>> ticket = LotteryTicket(model, x)      # at initialisation
-    >>> train(ticket.model)
-    >>> small = ticket.prune_and_rewind(0.5)  # survivors back to their initial values; retrain it
+    Examples:
+        >>> ticket = LotteryTicket(model, x)      # at initialisation
+        >>> train(ticket.model)
+        >>> small = ticket.prune_and_rewind(0.5)  # survivors back to their initial values; retrain it
     """
 
     def __init__(self, model: nn.Module, example_input: Any):
