@@ -9,8 +9,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 HEAVY = ("torchvision", "transformers", "timm", "matplotlib", "networkx", "scipy")
+STUB = Path(__file__).parent.parent / "structprune" / "__init__.pyi"
 
 
 def run_fresh(code: str) -> str:
@@ -29,6 +31,42 @@ def test_import_structprune_loads_no_optional_library():
         print(sorted(m for m in {HEAVY!r} if m in sys.modules))
     """)
     assert out.strip() == "[]"
+
+
+def test_import_structprune_does_not_import_torch():
+    # torch alone takes over 2 s to import on a 2-core machine: the public names load on first use
+    out = run_fresh("""
+        import sys
+        import structprune
+        print("torch" in sys.modules, structprune.__version__)
+    """)
+    assert out.split()[0] == "False"
+
+
+def test_every_public_name_resolves_to_its_object_and_none_is_shadowed_by_its_module():
+    # structprune.slim is both a module and the function it defines: importing the module (as the package's own
+    # modules do) must not replace the function on the package
+    out = run_fresh("""
+        import inspect
+        import structprune.slim, structprune.tools.io
+        import structprune as sp
+        missing = [n for n in sp.__all__ if getattr(sp, n, None) is None]
+        modules = [n for n in sp.__all__ if inspect.ismodule(getattr(sp, n))]
+        print(missing, modules, callable(sp.slim), sorted(dir(sp)) == sorted(sp.__all__))
+    """)
+    assert out.split() == ["[]", "[]", "True", "True"]
+
+
+def test_the_stub_lists_the_public_api():
+    # one source of truth: __all__ is exactly what __init__.pyi imports
+    import ast
+
+    import structprune as sp
+
+    tree = ast.parse(STUB.read_text())
+    imported = {alias.name for node in tree.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert imported == set(sp.__all__) and len(imported) > 60
+    assert not hasattr(sp, "no_such_name")
 
 
 def test_torchvision_rules_apply_once_torchvision_is_imported_even_inside_override():

@@ -4,6 +4,7 @@
     structprune inspect torchvision:resnet50             # the coupled channel groups
     structprune slim torchvision:resnet50 --ratio 0.5 --criterion l2 --out small/
     structprune load small/ --model torchvision:resnet50 # reload what slim --out saved, and compare
+    structprune export small/ --model torchvision:resnet50 --out small.pt2   # or small.onnx, for deployment
     structprune bench timm:convnext_tiny --ratios 0,0.25,0.5
     structprune slim my_models.py:build_net --input 1x3x64x64 --ratio 0.3 --ignore fc --ratios 'layer4.*=0.7'
     structprune slim torchvision:resnet50 --target latency=0.5 --device cuda --dtype bfloat16 --input 64x3x224x224
@@ -189,6 +190,22 @@ def graph_file(text: str) -> str:
                          f"pass e.g. graph.dot (view it with Graphviz: dot -Tpng graph.dot -o graph.png)")
     if os.path.isdir(text):
         raise UsageError(f"{text} is a directory; pass a file name")
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{text}: the directory {parent} does not exist")
+    _require_writable_directory(parent, text)
+    return text
+
+
+def export_file(text: str) -> str:
+    """``export --out``: a new ``.pt2`` or ``.onnx`` file in a writable directory (an existing one is kept)."""
+    from .export import EXPORT_FORMATS
+
+    if not text.endswith(EXPORT_FORMATS):
+        raise UsageError(f"writes {' or '.join(EXPORT_FORMATS)} files, got {text!r}: pass e.g. small.pt2 "
+                         f"(torch.export) or small.onnx")
+    if os.path.lexists(text):
+        raise UsageError(f"{text} exists; remove it or pass another name (export never overwrites)")
     parent = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(parent):
         raise UsageError(f"{text}: the directory {parent} does not exist")
@@ -403,6 +420,18 @@ def cmd_load(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import structprune as sp
+
+    from .export import export_model
+
+    model, x = _load(args)
+    loaded = sp.load(args.directory, model)
+    description = export_model(loaded, x, args.out)
+    print(f"exported {args.directory} ({args.model}) to {args.out}: {description}")
+    return EXIT_OK
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import structprune as sp
 
@@ -505,6 +534,15 @@ def parser() -> argparse.ArgumentParser:
                                                   "hf:CLASS or path/to/file.py:FACTORY")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.set_defaults(run=cmd_load)
+
+    p = model_command("export", "write a model saved by slim --out as a torch.export program (.pt2) or ONNX file, "
+                                "checked against the eager model", positional_model=False)
+    p.add_argument("directory", metavar="DIR", type=_argument(saved_directory), help="what slim --out wrote")
+    p.add_argument("--model", required=True, help="the unpruned architecture: torchvision:NAME, timm:NAME, "
+                                                  "hf:CLASS or path/to/file.py:FACTORY")
+    p.add_argument("--out", required=True, metavar="FILE", type=_argument(export_file),
+                   help="the file to write: FILE.pt2 (torch.export.save) or FILE.onnx (a new file)")
+    p.set_defaults(run=cmd_export)
 
     p = model_command("bench", "parameters, MACs and CPU latency at several ratios")
     p.add_argument("--ratios", type=_argument(parse_ratio_list), default=[0.0, 0.25, 0.5],
