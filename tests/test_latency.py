@@ -132,3 +132,13 @@ def test_paired_ratio_is_the_ratio_of_fastest_blocks_and_adds_pairs_until_settle
     monkeypatch.setattr(timing, "_settled", lambda e, p: calls.append(len(e)) or False)
     timing.paired_ratio(candidate, reference, pairs=2, precision=1e-9, max_pairs=6)
     assert max(calls) == 5  # checked up to 5 pairs, stopped at the cap of 6
+
+
+def test_a_latency_target_keeps_the_ratios_given_per_layer(macs_clock):
+    # ratios= fixes those layers exactly; the latency search allocates the rest and still lands
+    model = Ladder().eval()
+    small = sp.slim(model, X, target={"latency": 0.5}, ratios={"early": 0.0, "late": 0.5}, round_to=None)
+    assert small.early.out_channels == 64  # the cheapest latency of all, but fixed to keep everything
+    assert small.late.out_channels == 128
+    achieved = 1 - count_macs(small, X) / count_macs(model, X)
+    assert abs((1 - achieved) / 0.5 - 1) <= 0.05, achieved

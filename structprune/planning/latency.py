@@ -269,9 +269,16 @@ def parameters_per_unit(dg: DependencyGraph) -> Dict[int, np.ndarray]:
     return carried
 
 
-def allocation(planner: Planner, options: PlanOptions, table: LatencyTable) -> Tuple[List[Increment], np.ndarray]:
-    """The order in which to remove steps (least importance lost per second of latency saved first), and the
-    table's predicted seconds after each prefix of them (``predicted[k]``: after the first ``k``).
+def fixed_plan(planner: Planner, options: PlanOptions) -> Plan:
+    """What ``ratios=`` fixes, and nothing else: the layers it names at their ratios (every other layer at 0)."""
+    return planner.plan(options.with_ratio(0.0)) if options.ratios else Plan()
+
+
+def allocation(planner: Planner, options: PlanOptions, table: LatencyTable,
+               start: Optional[Plan] = None) -> Tuple[List[Increment], np.ndarray]:
+    """The order in which to remove steps beyond ``start`` (least importance lost per second of latency saved
+    first), and the table's predicted seconds after each prefix of them (``predicted[k]``: after the first
+    ``k``; ``predicted[0]``: ``start`` alone). Layers whose ratio ``ratios=`` fixes take no steps.
 
     A unit's importance is its normalised score (its standing within its group) times the parameters it
     carries: normalisation makes groups comparable per unit, and a unit that spans every block (a hidden
@@ -279,7 +286,10 @@ def allocation(planner: Planner, options: PlanOptions, table: LatencyTable) -> T
     where latency is cheap in parameters, which is what keeps the most of the model at a given latency."""
     dg = planner.dg
     unit_index = {space.id: index for group in dg.groups for space, index in zip(group.spaces, group.unit_index)}
+    start = start if start is not None else Plan()
     dropped_units = {gid: np.zeros(dg.groups[gid].n_units, bool) for gid in planner.scores}
+    for gid, units in start.drops.items():
+        dropped_units[gid][units] = True
 
     def space_kept(space: Any) -> float:
         units = dropped_units.get(space.group)
@@ -293,7 +303,7 @@ def allocation(planner: Planner, options: PlanOptions, table: LatencyTable) -> T
             leaves_of.setdefault(gid, []).append(leaf)
 
     # the allocation ranks layers globally, so max_group_ratio always applies
-    queues = layer_queues(planner, options, Plan(), capped=True, skip_fixed=False)
+    queues = layer_queues(planner, options, start, capped=True, skip_fixed=True)
     carried = parameters_per_unit(dg)
     normalized = {gid: normalize(s, options.normalize) for gid, s in planner.scores.items()}
     # standardised scores go negative: shift them all alike, so every unit is worth something and the order holds
@@ -374,17 +384,20 @@ def search_latency(planner: Planner, options: PlanOptions, target: float, *,
     measurements land it where a bisection would need a dozen."""
     dg = planner.dg
     table = table if table is not None else LatencyTable(dg, planner, options)
-    moves, predicted = allocation(planner, options, table)
+    start = fixed_plan(planner, options)  # the layers ratios= fixes: at their ratios, whatever the target
+    moves, predicted = allocation(planner, options, table, start)
     goal = 1 - target
     inputs = dg.inputs.cloned()
-    deltas = -np.diff(predicted) / max(predicted[0], 1e-12)  # predicted share of the leaves' time each step saves
+    dense = max(table.predict(lambda space: 1.0), 1e-12)
+    deltas = -np.diff(predicted) / dense  # predicted share of the leaves' time each step saves
+    offset = 1 - predicted[0] / dense  # ... and the fixed layers' share
 
     def measure(k: int) -> float:
-        pruned = shrunk_copy(dg.model, dg, extend(planner, options, Plan(), moves[:k]).element_mask(dg))
+        pruned = shrunk_copy(dg.model, dg, extend(planner, options, start, moves[:k]).element_mask(dg))
         return paired_ratio(pruned, dg.model, inputs.args, inputs.kwargs, pairs=pairs, precision=PRECISION)
 
-    seen: Dict[int, float] = {0: 1.0}
-    saved = np.concatenate([[0.0], np.cumsum(deltas)])
+    seen: Dict[int, float] = {0: measure(0) if start.drops else 1.0}
+    saved = offset + np.concatenate([[0.0], np.cumsum(deltas)])
     k = int(np.argmin(np.abs(1 - saved - goal)))  # first guess: the whole model as the table predicts
     for _ in range(MAX_MEASUREMENTS):
         seen[k] = measure(k)
@@ -402,7 +415,7 @@ def search_latency(planner: Planner, options: PlanOptions, target: float, *,
                 break
             keep = [i for i, move in enumerate(moves) if i < jump or (i > jump and move.layer != moves[jump].layer)]
             moves, deltas = [moves[i] for i in keep], deltas[keep]
-            saved = np.concatenate([[0.0], np.cumsum(deltas)])
+            saved = offset + np.concatenate([[0.0], np.cumsum(deltas)])
             seen = {j: ratio for j, ratio in seen.items() if j <= jump}
             next_k = _next_candidate(seen, saved, goal)
         if next_k is None or next_k in seen:
@@ -415,4 +428,4 @@ def search_latency(planner: Planner, options: PlanOptions, target: float, *,
             f"cannot reach the latency target: removing {target:.1%} of the latency was asked, the closest plan "
             f"removes {1 - measured:.1%} (pruning everything prunable removes {1 - fastest:.1%}: the rest of the "
             f"time is in layers that cannot shrink, or in fixed overheads at this batch size)")
-    return extend(planner, options, Plan(), moves[:k]), 1 - measured
+    return extend(planner, options, start, moves[:k]), 1 - measured
