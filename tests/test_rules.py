@@ -597,3 +597,38 @@ def test_normalize_over_channels_is_approximate_not_unknown():
     small, report = sp.slim_with_report(NormalizedFeatures(), torch.randn(2, 3, 4, 4), 0.5)
     assert small.a.out_channels == 4 and not report.unknown_ops
     assert report.verification.passed and not report.verification.exact
+
+
+class RMSNormed(nn.Module):
+    """Linear -> RMSNorm over the hidden width (a module, or F.rms_norm with the width read from the tensor)."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.up, self.down = nn.Linear(6, 32), nn.Linear(32, 4)
+        self.norm = nn.RMSNorm(32, eps=1e-5)
+        self.functional = functional
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.functional:
+            h = F.rms_norm(h, (h.shape[-1],), self.norm.weight, 1e-5)
+        else:
+            h = self.norm(h)
+        return self.down(h)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["nn.RMSNorm", "F.rms_norm"])
+def test_rms_norm_shrinks_with_its_input_and_normalises_over_the_kept_channels(functional):
+    model = RMSNormed(functional).eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 6)
+    small, report = sp.slim_with_report(model, x, 0.5, round_to=None)
+    assert report.unknown_ops == {} and small.up.out_features == 16
+    assert small.norm.normalized_shape == (16,) and small.norm.weight.shape == (16,)
+    kept = _kept_rows(model.up.weight, small.up.weight)
+    # independent reference: the statistics of the kept channels only (RMSNorm is inexact under pruning)
+    h = x @ model.up.weight[kept].T + model.up.bias[kept]
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * model.norm.weight[kept]
+    expected = h @ model.down.weight[:, kept].T + model.down.bias
+    torch.testing.assert_close(small(x), expected)

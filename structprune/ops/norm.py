@@ -1,8 +1,9 @@
 """Normalisation layers and per-channel parametric activations.
 
 BatchNorm and InstanceNorm keep per-channel statistics: pruning is exact. GroupNorm is exact too
-because whole groups are removed (each group becomes one unit). LayerNorm over a pruned axis
-computes statistics across channels, so the pruned model only approximates the zeroed original.
+because whole groups are removed (each group becomes one unit). LayerNorm and RMSNorm (``nn.RMSNorm``,
+``F.rms_norm``) over a pruned axis compute statistics across channels, so the pruned model only
+approximates the zeroed original.
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def batch_norm_aten(ctx: RuleContext, node):  # (input, weight, bias, running_me
     return out
 
 
-def _layer_norm(ctx: RuleContext, x, normalized: int, weight_label, bias_label, frozen: Optional[str] = None):
+def _layer_norm(ctx: RuleContext, x, normalized: int, weight_label, bias_label, frozen: Optional[str] = None,
+                kind: str = "LayerNorm"):
     """Normalise over the last ``normalized`` axes; ``frozen`` says why those axes cannot shrink."""
     label = list(ctx.tlabel(x))
     ndim = len(label)
@@ -101,7 +103,7 @@ def _layer_norm(ctx: RuleContext, x, normalized: int, weight_label, bias_label, 
         ctx.unify(label[axis], weight_label[k] if weight_label else None, ctx.meta(x).shape[axis])
         if bias_label:
             ctx.unify(label[axis], bias_label[k], ctx.meta(x).shape[axis])
-        ctx.mark_inexact(label[axis], "LayerNorm statistics span the pruned channels")
+        ctx.mark_inexact(label[axis], f"{kind} statistics span the pruned channels")
     return tuple(label)
 
 
@@ -115,22 +117,43 @@ def layer_norm_module(ctx: RuleContext, node):
                        None if m.weight is not None else "LayerNorm without affine parameters over a channel axis")
 
 
-@rule(F.layer_norm, "aten.layer_norm")
-def layer_norm_function(ctx: RuleContext, node):
+@rule(nn.RMSNorm)
+def rms_norm_module(ctx: RuleContext, node):
+    m = cast(nn.RMSNorm, ctx.module)
+    k = len(m.normalized_shape)
+    w = tuple(ctx.module_param("weight", d) for d in range(k)) if m.weight is not None else None
+    return _layer_norm(ctx, ctx.arg(0, "input"), k, w, None,
+                       None if m.weight is not None else "RMSNorm without affine parameters over a channel axis",
+                       kind="RMSNorm")
+
+
+def _normalization_function(ctx: RuleContext, owner: type, bias: bool, kind: str, function: str):
+    """``F.layer_norm`` / ``F.rms_norm``: ``(input, normalized_shape, weight[, bias], ...)``."""
     shape = ctx.arg(1, "normalized_shape")
-    w_node, b_node = ctx.arg(2, "weight"), ctx.arg(3, "bias")
+    w_node = ctx.arg(2, "weight")
+    b_node = ctx.arg(3, "bias") if bias else None
     k = len(shape) if isinstance(shape, (list, tuple)) else 1
     # a literal normalized_shape is baked into the code: the normalised axes cannot shrink, unless
-    # it is the own attribute of the LayerNorm whose forward makes this call (LayerNorm2d variants)
+    # it is the own attribute of the norm module whose forward makes this call (LayerNorm2d variants)
     dynamic = isinstance(shape, fx.Node) or (isinstance(shape, (list, tuple)) and all(
         isinstance(s, fx.Node) for s in shape))
-    own = ctx.own_attribute(w_node, nn.LayerNorm, "normalized_shape", tuple(shape)
-                         if isinstance(shape, (list, tuple)) else shape)
+    own = ctx.own_attribute(w_node, owner, "normalized_shape", tuple(shape)
+                            if isinstance(shape, (list, tuple)) else shape)
     w = ctx.tlabel(w_node) if w_node is not None else None
     b = ctx.tlabel(b_node) if b_node is not None else None
     # without a weight no updater would ever rewrite the shape, so even an own attribute would go stale
-    frozen = None if (dynamic or own) and w_node is not None else "layer_norm with a constant normalized_shape"
-    return _layer_norm(ctx, ctx.arg(0, "input"), k, w, b, frozen)
+    frozen = None if (dynamic or own) and w_node is not None else f"{function} with a constant normalized_shape"
+    return _layer_norm(ctx, ctx.arg(0, "input"), k, w, b, frozen, kind=kind)
+
+
+@rule(F.layer_norm, "aten.layer_norm")
+def layer_norm_function(ctx: RuleContext, node):
+    return _normalization_function(ctx, nn.LayerNorm, bias=True, kind="LayerNorm", function="layer_norm")
+
+
+@rule(F.rms_norm, "aten.rms_norm")
+def rms_norm_function(ctx: RuleContext, node):
+    return _normalization_function(ctx, nn.RMSNorm, bias=False, kind="RMSNorm", function="rms_norm")
 
 
 def _group_norm(ctx: RuleContext, x, groups: int, weight, bias):
@@ -214,7 +237,7 @@ def update_norm(module: nn.modules.batchnorm._NormBase, old: Dict[str, tuple]) -
         module.num_features = kept.shape[0]
 
 
-def update_layer_norm(module: nn.LayerNorm, old: Dict[str, tuple]) -> None:
+def update_layer_norm(module: "nn.LayerNorm | nn.RMSNorm", old: Dict[str, tuple]) -> None:
     if module.weight is not None:
         module.normalized_shape = tuple(module.weight.shape)
 
@@ -231,7 +254,7 @@ def update_prelu(module: nn.PReLU, old: Dict[str, tuple]) -> None:
     module.num_parameters = module.weight.numel()
 
 
-def _layer_norm_fits(m: nn.LayerNorm, x: torch.Tensor) -> bool:
+def _layer_norm_fits(m: "nn.LayerNorm | nn.RMSNorm", x: torch.Tensor) -> bool:
     return tuple(x.shape[x.ndim - len(m.normalized_shape):]) == tuple(m.normalized_shape)
 
 
@@ -243,6 +266,7 @@ register_op(nn.modules.batchnorm._BatchNorm,
             shape=checked_same_shape(lambda m, x: x.ndim >= 2 and x.shape[1] == m.num_features))
 register_op(nn.modules.batchnorm._NormBase, update=update_norm, width="num_features")
 register_op(nn.LayerNorm, update=update_layer_norm, shape=checked_same_shape(_layer_norm_fits))
+register_op(nn.RMSNorm, update=update_layer_norm, shape=checked_same_shape(_layer_norm_fits))
 register_op(nn.GroupNorm, update=update_group_norm, width="num_channels",
             shape=checked_same_shape(lambda m, x: x.ndim >= 2 and x.shape[1] == m.num_channels))
 register_op(nn.PReLU, update=update_prelu, shape=checked_same_shape(_prelu_fits))
