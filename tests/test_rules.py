@@ -632,3 +632,37 @@ def test_rms_norm_shrinks_with_its_input_and_normalises_over_the_kept_channels(f
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * model.norm.weight[kept]
     expected = h @ model.down.weight[:, kept].T + model.down.bias
     torch.testing.assert_close(small(x), expected)
+
+
+class Windows(nn.Module):
+    """Sliding windows (Tensor.unfold) along a spatial axis, or along the channel axis."""
+
+    def __init__(self, over_channels: bool):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(3, 8, 3, padding=1), nn.Conv1d(8, 4, 1)
+        self.dim = 1 if over_channels else 2
+
+    def forward(self, x):
+        windows = torch.relu(self.a(x)).unfold(self.dim, 3, 1)  # (N, C, L-2, 3) or (N, C-2, L, 3)
+        y = windows.amax(-1)
+        return self.b(y) if self.dim == 2 else y
+
+
+def test_unfold_along_a_spatial_axis_keeps_the_channels_prunable():
+    model = Windows(over_channels=False).eval()
+    x = torch.randn(2, 3, 10)
+    small, report = slim_exact(model, x, 0.5)
+    assert report.unknown_ops == {} and small.a.out_channels == 4 and small.b.in_channels == 4
+    kept = _kept_rows(model.a.weight, small.a.weight)
+    zeroed = Windows(over_channels=False).eval()
+    zeroed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        dropped = [c for c in range(8) if c not in kept]
+        zeroed.b.weight[:, dropped] = 0
+    torch.testing.assert_close(small(x), zeroed(x))
+
+
+def test_unfold_over_the_channel_axis_freezes_it():
+    model = Windows(over_channels=True).eval()
+    report = sp.slim_with_report(model, torch.randn(2, 3, 10), 0.5)[1]
+    assert report.groups_pruned == 0 and "unfold slides windows over a channel axis" in report.graph.summary()

@@ -1,5 +1,6 @@
-"""Spatial ops: pooling, resizing (interpolate, upsample) and padding. They only work on the trailing
-spatial axes; channel labels pass through, and a channel axis among the spatial ones is frozen."""
+"""Spatial ops: pooling, resizing (interpolate, upsample), padding and sliding windows
+(``Tensor.unfold``). They only work on spatial axes; channel labels pass through, and a channel axis
+among the spatial ones is frozen."""
 from __future__ import annotations
 
 from typing import Iterable, Sequence, Set
@@ -105,3 +106,20 @@ def pad(ctx: RuleContext, node):
     if not isinstance(amounts, (list, tuple)):  # unknown amounts count as padding every axis
         return spatial(ctx, x, ndim)
     return spatial_axes(ctx, x, _padded_axes(amounts, ndim))
+
+
+@rule(".unfold", "aten.unfold")
+def sliding_windows(ctx: RuleContext, node):
+    """``x.unfold(dim, size, step)``: windows along ``dim`` (it becomes the window count) in a new last axis.
+    Every other axis passes through; windows over a channel axis freeze it. (``F.unfold``, im2col, is a
+    different op: it folds channels and kernel positions into one axis.)"""
+    x, dim = ctx.arg(0), ctx.arg(1, "dimension")
+    label = list(ctx.tlabel(x))
+    if not isinstance(dim, int) or ctx.out.ndim != len(label) + 1 or not -len(label) <= dim < len(label):
+        ctx.freeze(tuple(label), "unfold with a dimension that is not a constant")
+        return ctx.unlabeled_output()
+    dim %= len(label)
+    if label[dim] is not None:
+        ctx.freeze(label[dim], "unfold slides windows over a channel axis")
+        label[dim] = None
+    return tuple(label) + (None,)
