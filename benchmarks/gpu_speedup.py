@@ -451,7 +451,7 @@ def verify_one(work: Workload, dtype: torch.dtype) -> Dict[str, Any]:
             _, report = sp.slim_with_report(work.model, work.example, 0.5, verify=True)
         verdict = report.verification
         row["passed"] = bool(getattr(verdict, "passed", True))
-        for key in ("exact", "max_abs_error", "message"):
+        for key in ("exact", "max_relative_error", "message"):
             if hasattr(verdict, key):
                 row[key] = getattr(verdict, key)
     except sp.VerificationError as error:

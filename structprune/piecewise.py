@@ -60,7 +60,7 @@ class PiecewiseReport:
         passed = not failed
         message = (f"verification passed for all {len(results)} pruned submodules, and the whole pruned model runs"
                    if passed else f"verification failed for {', '.join(failed)}")
-        return VerificationResult(passed, all(r.exact for r in results), max(r.max_abs_error for r in results),
+        return VerificationResult(passed, all(r.exact for r in results), max(r.max_relative_error for r in results),
                                   message)
 
     @property

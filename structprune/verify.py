@@ -12,6 +12,7 @@ so the pruned model is compared with exactly what the compensation promises.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, cast
 
@@ -38,19 +39,26 @@ class VerificationResult:
         passed: the pruned model reproduced the zeroed original (within float tolerance when ``exact``).
         exact: values were compared; False where an op mixes channels over a pruned axis (LayerNorm,
             softmax), so only the output shapes and finiteness could be checked.
-        max_abs_error: the largest output difference relative to the largest reference magnitude (0.0
-            when values were not compared; inf when the pruned model failed to run or its outputs differ
-            in number, shape, integer values or finiteness).
+        max_relative_error: the largest output difference divided by the largest reference magnitude
+            (0.0 when values were not compared; inf when the pruned model failed to run or its outputs
+            differ in number, shape, integer values or finiteness).
         message: what was found, in words (also what ``str()`` gives).
     """
 
     passed: bool
     exact: bool  # True: values compared; False: shapes and finiteness only
-    max_abs_error: float
+    max_relative_error: float
     message: str
 
     def __str__(self) -> str:
         return self.message
+
+    @property
+    def max_abs_error(self) -> float:
+        """Deprecated name of :attr:`max_relative_error` (it always held the relative error)."""
+        warnings.warn("VerificationResult.max_abs_error is deprecated: it is a relative error, read "
+                      "max_relative_error", DeprecationWarning, stacklevel=2)
+        return self.max_relative_error
 
 
 def _zero_dropped(value: Any, label: Label, dropped: np.ndarray) -> Any:
@@ -271,7 +279,7 @@ class Verifier:
             raise VerificationError(self.explain(result))
         if self.exact_part is not None:
             result.message += (f"; the channels outside channel-mixing ops, pruned alone, match the zeroed "
-                               f"original exactly (relative error {self.exact_part.max_abs_error:.2g})")
+                               f"original exactly (relative error {self.exact_part.max_relative_error:.2g})")
         return result
 
     def explain(self, result: VerificationResult) -> str:

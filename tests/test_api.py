@@ -1,6 +1,7 @@
 """The public API: what users get back and what stays the same."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 from helpers import assert_unchanged, snapshot
@@ -95,3 +96,10 @@ def test_dependency_graph_reports_groups():
     assert all(g.size == 16 for g in prunable)
     assert {("features.0.weight", 0), ("features.1.weight", 0), ("features.3.weight", 1)} <= set(prunable[0].members)
     assert "prunable" in dg.summary()
+
+
+def test_verification_reports_a_relative_error_and_the_old_name_still_reads_it():
+    result = sp.VerificationResult(True, True, 3e-7, "ok")
+    assert result.max_relative_error == 3e-7
+    with pytest.warns(DeprecationWarning, match="max_relative_error"):
+        assert result.max_abs_error == 3e-7

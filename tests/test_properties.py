@@ -279,7 +279,7 @@ def test_exact_verification_reports_small_error(arch, ratio):
     if not arch.has_stat_norm:
         event(f"per-channel model, exact={v.exact}")
     if v.exact:
-        assert v.max_abs_error < 1e-4, f"exact verification with max_abs_error={v.max_abs_error}"
+        assert v.max_relative_error < 1e-4, f"exact verification with max_relative_error={v.max_relative_error}"
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=SUPPRESS)
