@@ -189,6 +189,31 @@ def test_the_default_loss_on_token_logits_points_to_loss_fn():
     sp.slim(model, (ids,), 0.5, criterion="taylor", data=[(ids, ids)], loss_fn=loss_fn, verify=False)
 
 
+class DictClassifier(nn.Module):
+    """Returns ``{"logits": ...}``, as many vision and Hugging Face models do with plain dicts."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return {"logits": self.body(x)}
+
+
+def test_the_default_loss_and_distillation_read_logits_from_the_same_outputs():
+    # one reading of "the logits" everywhere: a dict output works for gradient criteria as it does for distill
+    from structprune.tools.outputs import logits_of
+
+    torch.manual_seed(0)
+    model, x = DictClassifier().eval(), torch.randn(4, 8)
+    batches = [(x, torch.tensor([0, 1, 2, 0]))]
+    small = sp.slim(model, x, 0.5, criterion="taylor", data=batches)
+    assert small.body[0].out_features == 8
+    t = torch.ones(2)
+    assert all(logits_of(out) is t for out in (t, {"logits": t}, (t, None), [t]))
+    assert logits_of({"scores": t}) is None and logits_of(()) is None
+
+
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()

@@ -19,6 +19,7 @@ from ..errors import InvalidOptionError
 from ..graph.capture import eval_mode
 from ..graph.dependency_graph import named_tensors
 from ..options import REDUCTIONS, check_choice
+from ..tools.outputs import logits_of
 from .activations import ActivationCollector, InputStatistics
 
 if TYPE_CHECKING:
@@ -44,10 +45,7 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
                                  f"cross-entropy loss; {_LOSS_FN_HINT}")
     inputs, targets = batch
     output = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
-    if logits is None and isinstance(output, (tuple, list)) and output:
-        logits = output[0]
-    return _cross_entropy(logits, targets)
+    return _cross_entropy(logits_of(output), targets)
 
 
 def _cross_entropy(logits: Any, targets: Any) -> torch.Tensor:

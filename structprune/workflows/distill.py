@@ -39,6 +39,7 @@ from ..errors import InvalidOptionError
 from ..options import check_positive_int, require_module
 from ..planning.hardware import model_device_dtype
 from ..scoring.activations import run_batch
+from ..tools.outputs import logits_of
 from ..tools.progress import progress_bar
 
 Batch = Any
@@ -215,17 +216,11 @@ def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Te
 
 
 def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise InvalidOptionError(f"the model returned {type(output).__name__}, with no logits to distill; "
-                             f"pass forward=lambda model, batch: <logits tensor>")
+    logits = logits_of(output)
+    if logits is None:
+        raise InvalidOptionError(f"the model returned {type(output).__name__}, with no logits to distill; "
+                                 f"pass forward=lambda model, batch: <logits tensor>")
+    return logits
 
 
 def _hidden_states(output: Any) -> Tuple[torch.Tensor, ...]:
