@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import fx
 
+from ..graph.attributes import attribute_at
 from ..graph.interpreter import mutable
 from ..graph.labels import AxisLabel
 from ..graph.shapes import TensorMeta
@@ -117,7 +118,7 @@ def _fold(ctx: RuleContext, value: Any, depth: int) -> Any:
     if depth <= 0:
         return None
     if value.op == "get_attr":
-        tensor = _attribute(ctx.root, str(value.target))
+        tensor = attribute_at(ctx.root, str(value.target))
         return tensor.detach().clone() if isinstance(tensor, torch.Tensor) and tensor.numel() == 1 else None
     meta, target = ctx.meta(value), value.target
     # only scalars are worth computing: a constant mask or table is never a width normalisation
@@ -141,10 +142,3 @@ def _fold(ctx: RuleContext, value: Any, depth: int) -> Any:
             return target(*args, **kwargs)
     except Exception:  # an op that needs what folding cannot give (a device, a generator): not a constant
         return None
-
-
-def _attribute(root: torch.nn.Module, target: str) -> Any:
-    owner: Any = root
-    for name in target.split("."):
-        owner = getattr(owner, name, None)
-    return owner

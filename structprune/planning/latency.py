@@ -33,6 +33,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import StructPruneError
+from ..graph.attributes import attribute_at
 from ..graph.dependency_graph import DependencyGraph
 from ..graph.shapes import META_KEY, TensorMeta
 from ..options import PlanOptions
@@ -119,7 +120,7 @@ class LatencyTable:
         model ``pruned``, on random inputs of the pruned input shapes."""
         def describe(n: fx.Node) -> Any:
             if n.op == "get_attr":  # a parameter the function reads: its pruned shape
-                return _Weight(tuple(_attribute(pruned, str(n.target)).shape))
+                return _Weight(tuple(attribute_at(pruned, str(n.target)).shape))
             return _pruned_input(self.dg, n, dropped)
 
         args = fx.node.map_arg(node.args, describe)
@@ -163,7 +164,7 @@ def _weighted_leaves(dg: DependencyGraph) -> Dict[str, Tuple[LeafLatency, fx.Nod
             named = [(f"{node.target}.{name}", p) for name, p in module.named_parameters()]
         elif node.op == "call_function":
             reads = [n for n in node.all_input_nodes if n.op == "get_attr"]
-            named = [(str(n.target), _attribute(dg.trace.module, str(n.target))) for n in reads]
+            named = [(str(n.target), attribute_at(dg.trace.module, str(n.target))) for n in reads]
         else:
             continue
         weights = [(t.numel(), spaces_of.get(name, [])) for name, t in named
@@ -171,11 +172,6 @@ def _weighted_leaves(dg: DependencyGraph) -> Dict[str, Tuple[LeafLatency, fx.Nod
         if weights:
             leaves[node.name] = (LeafLatency(node.name, weights), node)
     return leaves
-
-
-def _attribute(module: nn.Module, path: str) -> Any:
-    owner, _, name = path.rpartition(".")
-    return getattr(module.get_submodule(owner) if owner else module, name)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ..graph.attributes import attribute_at
 from ..graph.dependency_graph import DependencyGraph, canonical_names
 from ..ops.registry import input_axis
 from ..scoring.activations import ActivationCollector, InputStatistics, per_weight_column
@@ -97,7 +98,7 @@ class Compensation:
                     blocked.add(reader)
             elif node.op == "call_function":
                 for read in node.all_input_nodes:
-                    read_name = canonical.get(id(_attribute(dg.trace.module, str(read.target)))) \
+                    read_name = canonical.get(id(attribute_at(dg.trace.module, str(read.target)))) \
                         if read.op == "get_attr" else None
                     if read_name is None:
                         continue
@@ -165,14 +166,6 @@ class Compensation:
             bias = _bias_of(model, path, layer, notes)
             layer.bias = nn.Parameter((bias.detach().double() + delta.to(bias.device)).to(bias.dtype),
                                       requires_grad=bias.requires_grad)
-
-
-def _attribute(module: nn.Module, path: str) -> object:
-    owner, _, name = path.rpartition(".")
-    try:
-        return getattr(module.get_submodule(owner) if owner else module, name)
-    except AttributeError:
-        return None
 
 
 def _weight_of(layer: nn.Module) -> torch.Tensor:
