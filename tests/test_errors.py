@@ -111,3 +111,23 @@ def test_verification_failure_raises_and_rolls_back(monkeypatch):
 def test_unknown_criterion():
     with pytest.raises(ValueError, match="unknown criterion"):
         sp.slim(Small(), X, 0.5, criterion="nonsense")
+
+
+def test_a_failed_torch_export_prints_no_graph_dump(capsys):
+    # torch.export prints the partial graph of a failed capture to stderr; slim reports the failure in its error
+    with pytest.raises(sp.TraceError):
+        sp.slim(DataDependent(), X, 0.5)
+    err = capsys.readouterr().err
+    assert "def forward(self" not in err and "GraphModule" not in err, err[:500]
+
+
+def test_the_dump_filter_drops_dumps_only():
+    import io
+
+    from structprune.graph.quiet import DumpFilter
+
+    sink = io.StringIO()
+    stream = DumpFilter(sink)
+    print("def forward(self, arg0_1):\n    return (arg0_1,)", file=stream)
+    print("a warning the user should see", file=stream)
+    assert sink.getvalue() == "a warning the user should see\n"

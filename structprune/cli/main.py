@@ -35,12 +35,13 @@ import re
 import sys
 import tempfile
 import traceback
-from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, TextIO, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Tuple, cast
 
 import torch
 from torch import nn
 
 from ..errors import InvalidOptionError, StructPruneError
+from ..graph.quiet import DUMP_START, without_graph_dumps
 from ..options import check_fraction, check_ratios
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -560,11 +561,6 @@ def parser() -> argparse.ArgumentParser:
 # third-party advice that is noise in a structprune message (torch.export's guard errors, dynamo's and fx's tips)
 _NOISE = re.compile(r"TORCH_LOGS|TORCHDYNAMO_|docs\.google\.com|^\s*Caused by: \(|^\s*Set TORCH\w*=|"
                     r"^\s*consider using data-dependent friendly APIs|^While executing %|^Use tlparse")
-# the first line of a dump: a generated forward or GraphModule (torch.export, torch.fx), fx's original traceback
-_DUMP_START = re.compile(r"^\s*(def forward\(self|class \w+\(torch\.nn\.Module\)|class GraphModule\(|"
-                         r"Original traceback:)")
-
-
 def _in_dump_body(line: str) -> bool:
     """A line that continues a dump: indented code, a traceback's ``File`` line, blank, or fx's ``None``."""
     return not line.strip() or line.startswith(("    ", "\t", '  File "')) or line.strip() == "None"
@@ -576,7 +572,7 @@ def clean_message(text: str) -> List[str]:
     lines: List[str] = []
     in_dump = False
     for line in text.strip().splitlines():
-        if _DUMP_START.match(line):
+        if DUMP_START.match(line):
             in_dump = True
             continue
         if in_dump and _in_dump_body(line):
@@ -588,29 +584,6 @@ def clean_message(text: str) -> List[str]:
     while lines and not lines[-1].strip():
         lines.pop()
     return lines
-
-
-class _DumpFilter:
-    """stderr without the graphs torch.export prints there when it fails (``print(e.partial_fx_graph,
-    file=sys.stderr)``), which structprune's fallback from torch.fx makes routine; all else passes through."""
-
-    def __init__(self, stream: TextIO):
-        self.stream = stream
-        self._dropped = False  # print() writes its end="\n" separately: drop that too
-
-    def write(self, text: str) -> int:
-        dropped, self._dropped = self._dropped, False
-        if _DUMP_START.match(text):
-            self._dropped = True
-        elif not (dropped and text == "\n"):
-            self.stream.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding...: the real stream's answers
-        return getattr(self.stream, name)
 
 
 def exit_status(error: BaseException) -> int:
@@ -644,7 +617,7 @@ def _quiet_torch() -> Iterator[None]:
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stderr(_DumpFilter(sys.stderr)):
+        with without_graph_dumps():
             yield
     finally:
         for logger, level in zip(loggers, levels):

@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from ..errors import ExampleInputError, TraceError
 from ..options import TRACERS, check_choice
+from .quiet import without_graph_dumps
 
 
 @dataclass
@@ -215,7 +216,8 @@ def tensor_outputs(model: nn.Module):
 
 
 def _export_trace(model: nn.Module, inputs: Inputs) -> Trace:
-    with tensor_outputs(model):
+    # a failed export prints its partial graph to stderr; the failure itself reaches the caller as an exception
+    with tensor_outputs(model), without_graph_dumps():
         ep = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
     gm = ep.module()
     sig = inspect.signature(model.forward)
