@@ -666,3 +666,21 @@ def test_unfold_over_the_channel_axis_freezes_it():
     model = Windows(over_channels=True).eval()
     report = sp.slim_with_report(model, torch.randn(2, 3, 10), 0.5)[1]
     assert report.groups_pruned == 0 and "unfold slides windows over a channel axis" in report.graph.summary()
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("make_norm", [lambda: nn.InstanceNorm2d(8),
+                                       lambda: nn.BatchNorm2d(8, affine=False, track_running_stats=False)],
+                         ids=["InstanceNorm2d", "BatchNorm2d-stateless"])
+def test_a_norm_without_tensors_keeps_num_features_in_step_under_both_tracers(tracer, make_norm):
+    # no weight or statistics records its width: under torch.export its forward is inlined into an aten op,
+    # and the module must still learn its new width (else every forward warns, and the module lies)
+    import warnings
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), make_norm(), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    small, report = slim_exact(model, x, 0.5, tracer=tracer)
+    assert small[1].num_features == small[0].out_channels == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small(x)

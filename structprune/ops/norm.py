@@ -67,12 +67,23 @@ def _input_statistics(ctx: RuleContext, node, x) -> None:
         ctx.mark_inexact(label[k], "normalisation statistics computed over the pruned elements")
 
 
+def _record_tensorless_width(ctx: RuleContext, members, label) -> None:
+    """A norm module's forward inlined into the graph (torch.export) without a tensor that records its width
+    (``affine=False``, no running statistics): keep its ``num_features`` in step, as the module rule does."""
+    if any(members) or len(label) < 2 or label[1] is None:  # a member label: () for an absent tensor
+        return
+    if isinstance(ctx.calling_module(), nn.modules.batchnorm._NormBase):
+        ctx.record_width(ctx.calling_path(), "num_features", label[1])
+
+
 @rule(F.batch_norm, F.instance_norm)
 def batch_norm_function(ctx: RuleContext, node):  # (input, running_mean, running_var, weight, bias, ...)
     members = [ctx.tlabel(ctx.arg(i, n)) for i, n in ((1, "running_mean"), (2, "running_var"),
                                                         (3, "weight"), (4, "bias"))]
     _input_statistics(ctx, node, ctx.arg(0, "input"))
-    return _per_channel(ctx, ctx.arg(0, "input"), 1, [m[0] if m else None for m in members])
+    label = _per_channel(ctx, ctx.arg(0, "input"), 1, [m[0] if m else None for m in members])
+    _record_tensorless_width(ctx, members, label)
+    return label
 
 
 @rule("aten.batch_norm", "aten._native_batch_norm_legit_no_training", "aten.native_batch_norm",
@@ -82,6 +93,7 @@ def batch_norm_aten(ctx: RuleContext, node):  # (input, weight, bias, running_me
     if "no_training" not in str(node.target):
         _input_statistics(ctx, node, ctx.arg(0))
     out = _per_channel(ctx, ctx.arg(0), 1, [m[0] if m else None for m in members])
+    _record_tensorless_width(ctx, members, out)
     if isinstance(ctx.out, (tuple, list)):  # native variants also return saved statistics
         return [out] + [None] * (len(ctx.out) - 1)
     return out
