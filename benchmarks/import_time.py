@@ -4,8 +4,8 @@
 Every repeat starts a new Python process, so nothing is cached in the interpreter; the operating
 system's file cache is warmed by one untimed run of each command first. The script prints the median,
 minimum and maximum of ``--repeats`` runs, ``import torch`` alone for scale (``import structprune``
-loads no torch: its names are imported on first use; ``structprune --help`` loads torch, so torch's
-time is its floor), and which optional libraries ``import structprune`` loaded (none should be).
+and ``structprune --help`` load no torch: names are imported on first use, and the parser imports
+nothing heavy), and which optional libraries ``import structprune`` loaded (none should be).
 
 Examples::
 

@@ -88,3 +88,21 @@ def test_torchvision_rules_apply_once_torchvision_is_imported_even_inside_overri
         print(inside, after, "torchvision.models.swin_transformer.shifted_window_attention" in names)
     """)
     assert out.split() == ["True", "True", "True"]
+
+
+def test_help_and_version_do_not_import_torch():
+    out = run_fresh("""
+        import contextlib, io, sys
+        from structprune.cli.main import main
+        with contextlib.redirect_stdout(io.StringIO()) as text:
+            codes = [main(argv) for argv in (["--help"], ["slim", "--help"], ["export", "--help"], ["--version"])]
+        print(codes, "torch" in sys.modules, "wanda" in text.getvalue())
+    """)
+    assert out.split() == ["[0,", "0,", "0,", "0]", "False", "True"]
+
+
+def test_the_criteria_help_names_are_the_registered_ones():
+    from structprune.cli.main import BUILT_IN_CRITERIA
+
+    out = run_fresh("import structprune as sp; print(' '.join(sp.list_criteria()))")
+    assert tuple(out.split()) == BUILT_IN_CRITERIA

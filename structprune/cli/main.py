@@ -35,14 +35,14 @@ import re
 import sys
 import tempfile
 import traceback
-from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Tuple, cast
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, NoReturn, Optional, Tuple, cast
 
 from ..errors import InvalidOptionError, StructPruneError
 from ..graph.quiet import DUMP_START, without_graph_dumps
-from ..options import check_fraction, check_ratios
+
+if TYPE_CHECKING:  # torch loads when a command runs, not for --help, --version or a usage error
+    import torch
+    from torch import nn
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 GRAPH_FORMATS = (".graphml", ".dot")  # what DependencyGraph.write writes
@@ -78,6 +78,8 @@ def parse_shape(text: str) -> Tuple[int, ...]:
 def parse_ratio(text: str) -> float:
     """A fraction removed, in [0, 1)."""
     try:
+        from ..options import check_fraction
+
         return check_fraction("the ratio", float(text), example="0.5")
     except (ValueError, InvalidOptionError):
         raise UsageError(f"a ratio is a number in [0, 1) (the fraction of channels removed), got {text!r}") from None
@@ -102,6 +104,8 @@ def parse_layer_ratios(text: str) -> Dict[str, float]:
             pairs[pattern.strip()] = float(value)
         except ValueError:
             raise UsageError(f"takes PATTERN=RATIO[,PATTERN=RATIO...], e.g. 'layer4.*=0.7'; got {text!r}") from None
+    from ..options import check_ratios
+
     try:
         return check_ratios(pairs)
     except InvalidOptionError as error:
@@ -145,6 +149,8 @@ def parse_round_to(text: str) -> Any:
 
 def parse_device(text: str) -> str:
     """A device torch knows and this machine has (``cuda`` without a GPU fails here, not after tracing)."""
+    import torch
+
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
@@ -335,6 +341,8 @@ def _require_no_arguments(build: Callable[..., Any], spec: str) -> None:
 
 
 def _from_file(path: str, factory: str) -> nn.Module:
+    from torch import nn
+
     spec = f"{path}:{factory}"
     if not os.path.isfile(path):
         raise UsageError(f"no such file: {path}")
@@ -354,6 +362,8 @@ def _from_file(path: str, factory: str) -> nn.Module:
 
 
 def example_input(shape: Optional[Tuple[int, ...]], kind: str, model: nn.Module) -> torch.Tensor:
+    import torch
+
     if shape is None:
         raise UsageError("this model needs --input (e.g. --input 1x3x64x64)")
     if kind == "tokens":
@@ -364,6 +374,8 @@ def example_input(shape: Optional[Tuple[int, ...]], kind: str, model: nn.Module)
 
 def _load(args: argparse.Namespace) -> Tuple[nn.Module, torch.Tensor]:
     """The model named on the command line and its example input, on ``--device`` in ``--dtype``."""
+    import torch
+
     model, default, kind = build_model(args.model)
     x = example_input(args.input or default, kind, model)
     device, dtype = getattr(args, "device", None), getattr(args, "dtype", None)
@@ -472,12 +484,35 @@ class _Parser(argparse.ArgumentParser):
 def _version() -> str:
     from .. import __version__
 
-    return f"structprune {__version__} (torch {torch.__version__})"
+    return f"structprune {__version__} (torch {_installed_version('torch')})"
+
+
+def _installed_version(package: str) -> str:
+    """The installed version of ``package``, read from its metadata (importing torch takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+# the built-in criteria, named in --help without importing torch; tests/test_startup.py checks them against
+# structprune.list_criteria(), and --criterion accepts any registered name
+BUILT_IN_CRITERIA = ("bn_scale", "flap", "fpgm", "gradient", "l1", "l2", "magnitude", "random", "taylor", "wanda")
+
+
+def parse_criterion(text: str) -> str:
+    """A registered criterion name (``structprune.list_criteria()``)."""
+    from ..scoring import list_criteria
+
+    names = list_criteria()
+    if text not in names:
+        raise UsageError(f"no criterion {text!r}; choose one of {', '.join(names)}")
+    return text
 
 
 def parser() -> argparse.ArgumentParser:
-    from ..scoring import list_criteria
-
     top = _Parser(prog="structprune", description="Structured pruning of PyTorch models.",
                   epilog="model specs: torchvision:NAME, timm:NAME, hf:CLASS (small random config), "
                          "path/to/file.py:FACTORY. Exit status 0 ok, 1 the run failed, 2 bad usage.")
@@ -504,8 +539,8 @@ def parser() -> argparse.ArgumentParser:
     p = model_command("slim", "prune a model and print what changed")
     p.add_argument("--ratio", type=_argument(parse_ratio), default=0.5,
                    help="fraction of channels removed per layer, in [0, 1) (default 0.5)")
-    p.add_argument("--criterion", default="l2", choices=list_criteria(), metavar="NAME",
-                   help=f"channel importance: {', '.join(list_criteria())} (default l2)")
+    p.add_argument("--criterion", default="l2", type=_argument(parse_criterion), metavar="NAME",
+                   help=f"channel importance: {', '.join(BUILT_IN_CRITERIA)} (default l2)")
     p.add_argument("--scope", default="local", choices=["local", "global"],
                    help="local (default): the ratio of every layer; global: of the whole model, least important "
                         "first")
@@ -548,7 +583,7 @@ def parser() -> argparse.ArgumentParser:
     p = model_command("bench", "parameters, MACs and CPU latency at several ratios")
     p.add_argument("--ratios", type=_argument(parse_ratio_list), default=[0.0, 0.25, 0.5],
                    help="comma-separated ratios (default 0,0.25,0.5)")
-    p.add_argument("--criterion", default="l2", choices=list_criteria(), metavar="NAME",
+    p.add_argument("--criterion", default="l2", type=_argument(parse_criterion), metavar="NAME",
                    help="channel importance (default l2)")
     p.set_defaults(run=cmd_bench)
 
