@@ -84,7 +84,25 @@ def require_prunable(model: Any, name: str = "model") -> nn.Module:
                                 f"torch.jit.script or torch.jit.trace: its graph cannot be captured or pruned. "
                                 f"Pass the original nn.Module (before torch.jit.script/trace), and script or trace "
                                 f"the pruned model afterwards if you need TorchScript.")
-    return require_module(model, name)
+    model = require_module(model, name)
+    _refuse_all_quantized(model, name)
+    return model
+
+
+_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
+
+
+def _refuse_all_quantized(model: nn.Module, name: str) -> None:
+    """A model whose every weighted layer is quantized (``torch.ao.quantization.quantize_dynamic``, ``convert``)
+    has no channels to find: its weights are packed integers, not tensors a plan can slice. Without this check
+    it would come back unchanged, with nothing said. A partly quantized model is pruned where it is float."""
+    quantized = [m._get_name() for m in model.modules()  # _get_name: DynamicQuantizedLinear, not Linear
+                 if type(m).__module__.startswith(_QUANTIZED_MODULES) and not type(m).__name__.endswith("PackedParams")]
+    if not quantized or any(p.is_floating_point() and p.dim() >= 2 for p in model.parameters()):
+        return
+    kinds = ", ".join(sorted(set(quantized)))
+    raise InvalidModelError(f"{name} is quantized ({len(quantized)} modules: {kinds}): its weights are packed "
+                            f"integers that cannot be sliced. Prune the float model, then quantize the pruned one.")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:

@@ -285,3 +285,14 @@ def test_the_readme_says_how_to_run_a_quick_subset():
     readme = open(os.path.join(REPO, "README.md")).read()
     assert 'python -m pytest -q -m "not slow"' in readme
     assert '"slow:' in open(os.path.join(REPO, "pyproject.toml")).read()  # the marker the command deselects
+
+
+def test_a_quantized_model_is_refused_with_what_to_do():
+    # every weight is a packed integer: nothing could be pruned, and it would come back unchanged without a word
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        model = torch.ao.quantization.quantize_dynamic(_mlp())
+    with pytest.raises(sp.InvalidModelError, match="quantized .*DynamicQuantizedLinear.*Prune the float model"):
+        sp.slim(model, torch.randn(2, 8), 0.5)
