@@ -684,3 +684,25 @@ def test_a_norm_without_tensors_keeps_num_features_in_step_under_both_tracers(tr
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         small(x)
+
+
+class Warp(nn.Module):
+    """Features resampled at learned affine coordinates (a spatial transformer, RAFT's correlation lookup)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.theta = nn.Parameter(torch.tensor([[[0.9, 0.1, 0.05], [-0.1, 0.8, 0.0]]]))
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        grid = F.affine_grid(self.theta.expand(x.shape[0], 2, 3), [x.shape[0], 1, 6, 5], align_corners=False)
+        return self.b(F.grid_sample(y, grid, align_corners=False))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_grid_sample_passes_channels_through_exactly(tracer):
+    model = Warp().eval()
+    x = torch.randn(2, 3, 9, 9)
+    small, report = slim_exact(model, x, 0.5, tracer=tracer)
+    assert report.unknown_ops == {} and small.a.out_channels == small.b.in_channels == 4

@@ -1,6 +1,6 @@
-"""Spatial ops: pooling, resizing (interpolate, upsample), padding and sliding windows
-(``Tensor.unfold``). They only work on spatial axes; channel labels pass through, and a channel axis
-among the spatial ones is frozen."""
+"""Spatial ops: pooling, resizing (interpolate, upsample), padding, sampling at coordinates
+(``affine_grid``, ``grid_sample``) and sliding windows (``Tensor.unfold``). They only work on spatial
+axes; channel labels pass through, and a channel axis among the spatial ones is frozen."""
 from __future__ import annotations
 
 from typing import Iterable, Sequence, Set
@@ -123,3 +123,25 @@ def sliding_windows(ctx: RuleContext, node):
         ctx.freeze(label[dim], "unfold slides windows over a channel axis")
         label[dim] = None
     return tuple(label) + (None,)
+
+
+@rule(F.affine_grid, torch.affine_grid_generator, "aten.affine_grid_generator")
+def affine_grid(ctx: RuleContext, node):
+    """``affine_grid(theta (N, d, d+1), size)``: sampling coordinates from a transform; theta's axes are
+    coordinates, never channels (they freeze), and the grid carries none."""
+    for axis in ctx.tlabel(ctx.arg(0, "theta")):
+        if axis is not None:
+            ctx.freeze(axis, "affine_grid's theta holds a transform, not channels")
+    return ctx.unlabeled_output()
+
+
+@rule(F.grid_sample, "aten.grid_sampler", "aten.grid_sampler_2d", "aten.grid_sampler_3d")
+def grid_sample(ctx: RuleContext, node):
+    """``grid_sample(input (N, C, *in), grid (N, *out, d))`` -> ``(N, C, *out)``: every channel is sampled at
+    the same coordinates, so the channels pass through exactly; a channel label on the grid (its coordinates
+    or its spatial axes) freezes it."""
+    x, grid = ctx.arg(0, "input"), ctx.arg(1, "grid")
+    for axis in ctx.tlabel(grid):
+        if axis is not None:
+            ctx.freeze(axis, "grid_sample coordinates computed from channels")
+    return spatial_axes(ctx, x, range(2, len(ctx.tlabel(x))))
