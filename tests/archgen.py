@@ -14,7 +14,7 @@ and the falsifying example it prints is itself a repro::
 
 Op set (2-D and 1-D variants): Conv (k 1/3, same padding), grouped conv, depthwise conv (with
 and without channel multiplier 2), ConvTranspose (stride 1, and stride-2 upsampling), BatchNorm,
-GroupNorm, InstanceNorm(affine), LayerNorm in a channels-last token MLP, ReLU/GELU/SiLU/
+GroupNorm, InstanceNorm(affine), LayerNorm or RMSNorm in a channels-last token MLP, ReLU/GELU/SiLU/
 Hardswish/PReLU (single and per-channel), Dropout, Identity, residual add (identity or 1x1
 projection), squeeze-excite gate, concat of two branches, chunk into halves (cat or add),
 max/avg pooling, nearest interpolate x2, layer-scale parameters, a conv called twice (shared
@@ -165,13 +165,13 @@ class InterpBlock(nn.Module):
 
 
 class TokenBlock(nn.Module):
-    """Channels-last token MLP: permute -> LayerNorm(C) -> Linear -> act -> Linear -> permute."""
+    """Channels-last token MLP: permute -> LayerNorm(C) or RMSNorm(C) -> Linear -> act -> Linear -> permute."""
 
-    def __init__(self, c: int, hidden: int, out: int, act: str, res: bool, dim: int):
+    def __init__(self, c: int, hidden: int, out: int, act: str, res: bool, dim: int, norm: str = "ln"):
         super().__init__()
         self.dim = dim
         self.res = res
-        self.norm = nn.LayerNorm(c)
+        self.norm = nn.LayerNorm(c) if norm == "ln" else nn.RMSNorm(c)
         self.fc1 = nn.Linear(c, hidden)
         self.act = _act(act, hidden)  # never PReLU: it would act on the wrong axis
         self.fc2 = nn.Linear(hidden, out)
@@ -335,7 +335,7 @@ def _build_block(b: dict, c: int, s: int, dim: int) -> tuple[nn.Module, int, int
     if kind == "up":
         return k["convT"](c, b["out"], 2, stride=2), b["out"], s * 2
     if kind == "tokens":
-        return TokenBlock(c, b["hidden"], b["out"], b["act"], b["res"], dim), b["out"], s
+        return TokenBlock(c, b["hidden"], b["out"], b["act"], b["res"], dim, b.get("norm", "ln")), b["out"], s
     raise ValueError(kind)
 
 
@@ -349,6 +349,8 @@ def _randomize(model: nn.Module) -> None:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.copy_(torch.randn_like(m.running_mean) * 0.5)
                 m.running_var.copy_(torch.rand_like(m.running_var) * 1.5 + 0.5)
+            if isinstance(m, nn.RMSNorm):
+                m.weight.copy_(torch.rand_like(m.weight) * 1.0 + 0.5)
             if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
                               nn.modules.instancenorm._InstanceNorm)):
                 if m.weight is not None:
@@ -528,7 +530,7 @@ def _block(draw, c: int, s: int, dim: int, no_stat: bool = False) -> tuple[dict,
     res = draw(st.booleans())
     out = c if res else draw(st.integers(MIN_C, MAX_C))
     return dict(kind="tokens", hidden=draw(st.integers(MIN_C, 2 * MAX_C)), out=out,
-                act=draw(st.sampled_from(ACTS[:4])), res=res), out, s
+                act=draw(st.sampled_from(ACTS[:4])), res=res, norm=draw(st.sampled_from(["ln", "rms"]))), out, s
 
 
 @st.composite
