@@ -1,7 +1,9 @@
 """structprune: structured pruning of PyTorch models with one call.
 
->>> import structprune as sp
->>> small = sp.slim(model, example_input, ratio=0.5)
+```python
+import structprune as sp
+small = sp.slim(model, example_input, ratio=0.5)
+```
 
 The public API, by the question each part answers: what is coupled (:class:`DependencyGraph`),
 how to extend what is understood (:func:`rule`, :func:`updater`, :func:`register_size_attribute`),
