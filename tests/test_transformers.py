@@ -218,6 +218,20 @@ MORE_MODELS = {  # no issue lists these: they check that nothing above is specia
     "bloom": lambda t: t.BloomForCausalLM(t.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=8)),
     "t5": lambda t: t.T5Model(t.T5Config(vocab_size=100, d_model=64, d_kv=8, d_ff=96, num_layers=2, num_heads=8,
                                          decoder_start_token_id=0)),
+    # newer decoder families: QK-norm (Qwen3, OLMo2, Gemma3), fused qkv (Phi-3, GPT-NeoX), partial rotary
+    # (StableLM, GPT-NeoX, GLM-4), parallel blocks (Cohere), scaled residuals (Granite), no-RoPE layers (SmolLM3)
+    "qwen3": lambda t: t.Qwen3ForCausalLM(_small(t.Qwen3Config, num_key_value_heads=4, head_dim=8, pad_token_id=0)),
+    "gemma3": lambda t: t.Gemma3ForCausalLM(_small(t.Gemma3TextConfig, num_key_value_heads=4, head_dim=8,
+                                                   pad_token_id=0)),
+    "phi3": lambda t: t.Phi3ForCausalLM(_small(t.Phi3Config, num_key_value_heads=4, pad_token_id=0)),
+    "gpt_neox": lambda t: t.GPTNeoXForCausalLM(_small(t.GPTNeoXConfig, pad_token_id=0)),
+    "stablelm": lambda t: t.StableLmForCausalLM(_small(t.StableLmConfig, num_key_value_heads=4, pad_token_id=0)),
+    "granite": lambda t: t.GraniteForCausalLM(_small(t.GraniteConfig, num_key_value_heads=4, pad_token_id=0)),
+    "cohere": lambda t: t.CohereForCausalLM(_small(t.CohereConfig, num_key_value_heads=4, pad_token_id=0)),
+    "olmo2": lambda t: t.Olmo2ForCausalLM(_small(t.Olmo2Config, num_key_value_heads=4, pad_token_id=0)),
+    "starcoder2": lambda t: t.Starcoder2ForCausalLM(_small(t.Starcoder2Config, num_key_value_heads=4, pad_token_id=0)),
+    "glm4": lambda t: t.Glm4ForCausalLM(_small(t.Glm4Config, num_key_value_heads=4, head_dim=8, pad_token_id=0)),
+    "smollm3": lambda t: t.SmolLM3ForCausalLM(_small(t.SmolLM3Config, num_key_value_heads=4, pad_token_id=0)),
 }
 
 
