@@ -325,3 +325,29 @@ def test_hugging_face_vision_base_models_without_input_embeddings_prune(name):
     assert report.verification is not None and report.verification.passed, report.verification
     assert report.params_after <= 0.8 * report.params_before
     assert small(x).pooler_output.shape == model(x).pooler_output.shape
+
+
+CAUSAL_MORE = [name for name in MORE_MODELS if name not in ("albert", "deberta_v2", "t5")]
+
+
+@pytest.mark.parametrize("name", CAUSAL_MORE)
+def test_a_save_pretrained_reload_computes_what_the_pruned_model_does_or_the_report_says_why_not(name, tmp_path):
+    # never silent: GPT-NeoX's fused qkv once made the config pin head_dim to three heads' width (its rotary
+    # frequencies then rebuilt wrong), and Gemma's embed_scale = sqrt(hidden_size) is recomputed on reload
+    torch.manual_seed(0)
+    model = MORE_MODELS[name](transformers).eval()
+    small, report = sp.slim_with_report(model, (IDS,), 0.3)
+    small.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            reloaded = type(small).from_pretrained(tmp_path).eval()
+        except Exception:  # a config that cannot describe the model: the report must say so
+            reloaded = None
+    with torch.no_grad():
+        same = reloaded is not None and torch.allclose(reloaded(IDS).logits, small(IDS).logits, atol=1e-5)
+    assert same or report.graph.notes, f"{name}: the reload differs and the report says nothing"
+    if name in ("gpt_neox", "qwen3", "olmo2", "granite"):
+        assert same and not report.graph.notes
+    if name in ("gemma2", "gemma3"):
+        assert any("embed_scale" in note for note in report.graph.notes)

@@ -63,6 +63,7 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
     for (path, name), values in updates.items():
         if len(values) == 1:  # splits that disagree (q and v heads of different widths) leave it alone
             setattr(model.get_submodule(path), name, values.pop())
+    head_dims = _layer_head_dims(model, splits) or {new for _, new in facts["head_dim"]}
     for module, shapes in old_shapes.items():
         for name, old_shape in shapes.items():
             new_shape = getattr(module, name).shape
@@ -77,22 +78,42 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
     # the input embedding is the width ``hidden_size`` names: it overrides what other embeddings reported
     if isinstance(embeddings, nn.Embedding) and embeddings in old_shapes:
         facts["hidden"] = [(old_shapes[embeddings]["weight"][1], embeddings.weight.shape[1])]
-    return notes + _refresh_configs(model, facts) + reload_note(model) + _derived_buffer_note(model, old_shapes)
+    return notes + _refresh_configs(model, facts, head_dims) + reload_note(model) + \
+        _derived_buffer_note(model, old_shapes)
+
+
+def _layer_head_dims(model: nn.Module, splits: Iterable[HeadSplit]) -> set:
+    """The head sizes the attention layers themselves hold (``head_dim``, ``head_size``...), after the rewrite
+    above. They, not a split's width, are what a config must describe: a fused projection split into heads
+    (GPT-NeoX's ``query_key_value`` viewed as ``(heads, 3 * head_size)``) has per-head chunks of three heads'
+    widths."""
+    found = set()
+    for path in {split.path for split in splits}:
+        found |= {value for name, value in int_attributes(model.get_submodule(path)) if role_of(name) == "head_dim"}
+    return found
 
 
 def _derived_buffer_note(model: nn.Module, old_shapes: Dict[nn.Module, Dict[str, tuple]]) -> List[str]:
-    """``from_pretrained`` recomputes non-persistent buffers from the config (rotary frequencies): where
-    pruning sliced one, the reloaded model would compute with other values than the pruned one."""
+    """``from_pretrained`` recomputes non-persistent buffers from the config rather than loading them. Where
+    pruning sliced one (rotary frequencies pruned in head dims), or one belongs to a layer pruning resized (Gemma's
+    ``embed_scale = sqrt(hidden_size)`` on its embedding), the reloaded model would compute with other values
+    than the pruned one, which keeps the original's."""
     if not hasattr(model, "from_pretrained"):
         return []
     names = {id(m): path for path, m in model.named_modules()}
     sliced = [f"{names[id(m)]}.{name}".lstrip(".") for m, shapes in old_shapes.items() for name in shapes
               if name in getattr(m, "_non_persistent_buffers_set", ()) and id(m) in names]
-    if not sliced:
-        return []
-    return [f"pruning sliced {sliced[0]}, a buffer from_pretrained recomputes from the config rather than loads: "
-            f"a from_pretrained reload would compute with other values; save with sp.save and reload with sp.load, "
-            f"which keep it"]
+    resized = [f"{names[id(m)]}.{name}".lstrip(".") for m in old_shapes if id(m) in names
+               for name in sorted(getattr(m, "_non_persistent_buffers_set", ())) if name not in old_shapes[m]]
+    if sliced:
+        return [f"pruning sliced {sliced[0]}, a buffer from_pretrained recomputes from the config rather than loads: "
+                f"a from_pretrained reload would compute with other values; save with sp.save and reload with "
+                f"sp.load, which keep it"]
+    if resized:
+        return [f"{resized[0]} is a buffer from_pretrained recomputes from the config rather than loads, in a layer "
+                f"pruning resized: a from_pretrained reload may compute it from the pruned sizes, unlike the pruned "
+                f"model; save with sp.save and reload with sp.load, which keep it"]
+    return []
 
 
 def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
@@ -105,9 +126,8 @@ def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
         return None
 
 
-def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]]) -> List[str]:
+def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]], head_dims: set) -> List[str]:
     notes = []
-    head_dims = {new for _, new in facts["head_dim"]}
     configs = {id(c): c for m in model.modules() for c in [getattr(m, "config", None)]
                if c is not None and not isinstance(c, nn.Module) and hasattr(c, "__dict__")}
     for config in configs.values():
@@ -148,7 +168,7 @@ def reload_note(model: nn.Module) -> List[str]:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "from_pretrained") or isinstance(config, nn.Module):
         return []
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = _tensor_shapes(model)
     try:
         validate = getattr(config, "validate", None)  # what from_pretrained runs on a loaded config
         if callable(validate):
@@ -161,12 +181,21 @@ def reload_note(model: nn.Module) -> List[str]:
         reason = str(getattr(error, "__cause__", None) or error).strip().splitlines()[-1]
         return [f"from_pretrained will refuse the pruned config ({reason}); the model runs: keep it with "
                 f"save_pretrained's weights plus this model object, or pick ratios the config can express"]
-    differ = [k for k, v in rebuilt.state_dict().items() if k in shapes and tuple(v.shape) != shapes[k]]
+    rebuilt_shapes = _tensor_shapes(rebuilt)
+    differ = [k for k, shape in rebuilt_shapes.items() if k in shapes and shape != shapes[k]]
     if differ:
         return [f"{type(config).__name__} cannot describe the pruned shapes (e.g. {differ[0]}: the config rebuilds "
-                f"{tuple(rebuilt.state_dict()[differ[0]].shape)}, the model has {shapes[differ[0]]}); the model runs, "
+                f"{rebuilt_shapes[differ[0]]}, the model has {shapes[differ[0]]}); the model runs, "
                 f"but from_pretrained would rebuild the original layout"]
     return []
+
+
+def _tensor_shapes(model: nn.Module) -> Dict[str, tuple]:
+    """Shapes of the state dict and of the buffers it leaves out (non-persistent: rotary frequencies), which
+    from_pretrained rebuilds from the config, so a config that disagrees with them shows there too."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes.update((k, tuple(v.shape)) for k, v in model.named_buffers())
+    return shapes
 
 
 def _pin_head_dim(config: Any, head_dims: set) -> None:
