@@ -347,7 +347,7 @@ def test_a_save_pretrained_reload_computes_what_the_pruned_model_does_or_the_rep
     with torch.no_grad():
         same = reloaded is not None and torch.allclose(reloaded(IDS).logits, small(IDS).logits, atol=1e-5)
     assert same or report.graph.notes, f"{name}: the reload differs and the report says nothing"
-    if name in ("gpt_neox", "qwen3", "olmo2", "granite"):
+    if name in ("gpt_neox", "qwen3", "olmo2", "granite", "phi3", "glm4"):  # phi3, glm4: a fused gate_up
         assert same and not report.graph.notes
     if name in ("gemma2", "gemma3"):
         assert any("embed_scale" in note for note in report.graph.notes)

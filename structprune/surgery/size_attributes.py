@@ -47,6 +47,9 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
                             old_shapes: Dict[nn.Module, Dict[str, tuple]]) -> List[str]:
     """Rewrite the size attributes of ``model`` (already shrunk) and of its configs; return notes."""
     facts: Dict[str, List[Tuple[int, int]]] = {role: [] for role in SIZE_ATTRIBUTES}  # role -> (old, new)
+    # widths layers read, (old, new): a feed-forward width only a down projection shows (a fused gate_up's outputs
+    # are twice it)
+    input_widths: List[Tuple[int, int]] = []
     updates: Dict[Tuple[str, str], set] = {}
     for split in splits:
         module = model.get_submodule(split.path)
@@ -74,11 +77,13 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
                 # candidates only: a config field is rewritten below when its value equals such an old width
                 if old_shape[out] != new_shape[out]:
                     facts["ffn"].append((old_shape[out], new_shape[out]))
+                if old_shape[1 - out] != new_shape[1 - out]:
+                    input_widths.append((old_shape[1 - out], new_shape[1 - out]))
     embeddings = _input_embeddings(model)
     # the input embedding is the width ``hidden_size`` names: it overrides what other embeddings reported
     if isinstance(embeddings, nn.Embedding) and embeddings in old_shapes:
         facts["hidden"] = [(old_shapes[embeddings]["weight"][1], embeddings.weight.shape[1])]
-    return notes + _refresh_configs(model, facts, head_dims) + reload_note(model) + \
+    return notes + _refresh_configs(model, facts, head_dims, input_widths) + reload_note(model) + \
         _derived_buffer_note(model, old_shapes)
 
 
@@ -126,7 +131,8 @@ def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
         return None
 
 
-def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]], head_dims: set) -> List[str]:
+def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]], head_dims: set,
+                     input_widths: List[Tuple[int, int]]) -> List[str]:
     notes = []
     configs = {id(c): c for m in model.modules() for c in [getattr(m, "config", None)]
                if c is not None and not isinstance(c, nn.Module) and hasattr(c, "__dict__")}
@@ -140,6 +146,8 @@ def _refresh_configs(model: nn.Module, facts: Dict[str, List[Tuple[int, int]]], 
                 continue
             # every layer whose old size equals this field reports its new size; one answer is needed to rewrite it
             new = {n for old, n in facts[role] if old == value}
+            if not new and role == "ffn":  # no layer produces it: a layer that reads it (Phi-3's fused gate_up)
+                new = {n for old, n in input_widths if old == value}
             if len(new) == 1:
                 setattr(config, name, new.pop())
             elif len(new) > 1:
