@@ -351,3 +351,17 @@ def test_a_save_pretrained_reload_computes_what_the_pruned_model_does_or_the_rep
         assert same and not report.graph.notes
     if name in ("gemma2", "gemma3"):
         assert any("embed_scale" in note for note in report.graph.notes)
+
+
+def test_a_config_transformers_refuses_is_reported_with_advice_that_works(tmp_path):
+    # transformers validates a config on save as well as on load: the advice must not be save_pretrained
+    model, x = _build("llama")
+    small, report = sp.slim_with_report(model, (x,), 0.3, hidden=False)  # 6 heads cannot divide hidden 64
+    note = next(n for n in report.graph.notes if "refuse" in n)
+    assert "save_pretrained and from_pretrained will refuse" in note and "sp.save" in note
+    with pytest.raises(Exception):
+        small.save_pretrained(tmp_path / "hf")
+    sp.save(small, tmp_path / "sp")
+    reloaded = sp.load(tmp_path / "sp", lambda: _build("llama")[0])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, small(x).logits)

@@ -187,8 +187,10 @@ def reload_note(model: nn.Module) -> List[str]:
             rebuilt = type(model)(copy.deepcopy(config))
     except Exception as error:  # the library's own validation error types vary
         reason = str(getattr(error, "__cause__", None) or error).strip().splitlines()[-1]
-        return [f"from_pretrained will refuse the pruned config ({reason}); the model runs: keep it with "
-                f"save_pretrained's weights plus this model object, or pick ratios the config can express"]
+        # transformers validates a config when it saves it too: save_pretrained itself raises
+        return [f"save_pretrained and from_pretrained will refuse the pruned config ({reason}); the model runs: "
+                f"save it with sp.save and reload it with sp.load, which keep any widths, or pick ratios the config "
+                f"can express"]
     rebuilt_shapes = _tensor_shapes(rebuilt)
     differ = [k for k, shape in rebuilt_shapes.items() if k in shapes and shape != shapes[k]]
     if differ:
