@@ -89,6 +89,8 @@ _WRITERS: Dict[str, Callable[[nn.Module, torch.Tensor, str], str]] = {".pt2": _e
 def export_model(model: nn.Module, example_input: torch.Tensor, path: str) -> str:
     """Write ``model`` traced on ``example_input`` to ``path`` (``.pt2`` or ``.onnx``); return what was
     written and how it was checked. Nothing is left at ``path`` if anything fails."""
+    from ..tools.io import new_file_mode
+
     suffix = os.path.splitext(path)[1]
     write = _WRITERS[suffix]
     directory = os.path.dirname(os.path.abspath(path))
@@ -96,7 +98,7 @@ def export_model(model: nn.Module, example_input: torch.Tensor, path: str) -> st
     os.close(handle)
     try:
         description = write(_without_cache(model).eval(), example_input, temporary)
-        os.chmod(temporary, 0o644 & ~_umask())
+        os.chmod(temporary, new_file_mode())  # mkstemp's 0o600 would hide the file from the group
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -111,9 +113,3 @@ def _without_cache(model: nn.Module) -> nn.Module:
     if getattr(config, "use_cache", False):
         config.use_cache = False  # type: ignore[union-attr]
     return model
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current

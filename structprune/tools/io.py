@@ -131,7 +131,7 @@ def file_digest(path: PathLike) -> Tuple[str, int]:
 
 
 # ---- save ------------------------------------------------------------------------------------------------
-def _file_mode() -> int:
+def new_file_mode() -> int:
     """The mode ``open()`` gives a new file (0o666 less the umask): safetensors writes its files
     with 0o600, which hides a saved model from the group and the other users the umask allows."""
     try:
@@ -166,7 +166,7 @@ def save(model: nn.Module, directory: PathLike) -> None:
     _check_directory(directory)
     os.makedirs(directory, exist_ok=True)
     plan = _plan_of(model)
-    mode = _file_mode()
+    mode = new_file_mode()
     written = _write_weights(model, directory)
     for path in written.values():
         os.chmod(path, mode)
