@@ -190,6 +190,14 @@ def output_directory(text: str) -> str:
     return text
 
 
+def _require_writable_parent(path: str) -> None:
+    """Fail unless the directory that would hold the file ``path`` exists and can be written in."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{path}: the directory {parent} does not exist")
+    _require_writable_directory(parent, path)
+
+
 def graph_file(text: str) -> str:
     """``--write``: a ``.graphml`` or ``.dot`` file in a writable directory."""
     if not text.endswith(GRAPH_FORMATS):
@@ -197,10 +205,7 @@ def graph_file(text: str) -> str:
                          f"pass e.g. graph.dot (view it with Graphviz: dot -Tpng graph.dot -o graph.png)")
     if os.path.isdir(text):
         raise UsageError(f"{text} is a directory; pass a file name")
-    parent = os.path.dirname(os.path.abspath(text))
-    if not os.path.isdir(parent):
-        raise UsageError(f"{text}: the directory {parent} does not exist")
-    _require_writable_directory(parent, text)
+    _require_writable_parent(text)
     return text
 
 
@@ -213,10 +218,7 @@ def export_file(text: str) -> str:
                          f"(torch.export) or small.onnx")
     if os.path.lexists(text):
         raise UsageError(f"{text} exists; remove it or pass another name (export never overwrites)")
-    parent = os.path.dirname(os.path.abspath(text))
-    if not os.path.isdir(parent):
-        raise UsageError(f"{text}: the directory {parent} does not exist")
-    _require_writable_directory(parent, text)
+    _require_writable_parent(text)
     return text
 
 
@@ -596,6 +598,8 @@ def parser() -> argparse.ArgumentParser:
 # third-party advice that is noise in a structprune message (torch.export's guard errors, dynamo's and fx's tips)
 _NOISE = re.compile(r"TORCH_LOGS|TORCHDYNAMO_|docs\.google\.com|^\s*Caused by: \(|^\s*Set TORCH\w*=|"
                     r"^\s*consider using data-dependent friendly APIs|^While executing %|^Use tlparse")
+
+
 def _in_dump_body(line: str) -> bool:
     """A line that continues a dump: indented code, a traceback's ``File`` line, blank, or fx's ``None``."""
     return not line.strip() or line.startswith(("    ", "\t", '  File "')) or line.strip() == "None"
