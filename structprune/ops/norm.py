@@ -119,24 +119,17 @@ def _layer_norm(ctx: RuleContext, x, normalized: int, weight_label, bias_label, 
     return tuple(label)
 
 
-@rule(nn.LayerNorm)
+@rule(nn.LayerNorm, nn.RMSNorm)
 def layer_norm_module(ctx: RuleContext, node):
-    m = cast(nn.LayerNorm, ctx.module)
+    """``nn.LayerNorm`` and ``nn.RMSNorm`` (which has no bias): the same rule over ``normalized_shape``."""
+    m = cast("nn.LayerNorm | nn.RMSNorm", ctx.module)
+    kind = "RMSNorm" if isinstance(m, nn.RMSNorm) else "LayerNorm"
     k = len(m.normalized_shape)
     w = tuple(ctx.module_param("weight", d) for d in range(k)) if m.weight is not None else None
-    b = tuple(ctx.module_param("bias", d) for d in range(k)) if m.bias is not None else None
+    b = tuple(ctx.module_param("bias", d) for d in range(k)) if getattr(m, "bias", None) is not None else None
     return _layer_norm(ctx, ctx.arg(0, "input"), k, w, b,
-                       None if m.weight is not None else "LayerNorm without affine parameters over a channel axis")
-
-
-@rule(nn.RMSNorm)
-def rms_norm_module(ctx: RuleContext, node):
-    m = cast(nn.RMSNorm, ctx.module)
-    k = len(m.normalized_shape)
-    w = tuple(ctx.module_param("weight", d) for d in range(k)) if m.weight is not None else None
-    return _layer_norm(ctx, ctx.arg(0, "input"), k, w, None,
-                       None if m.weight is not None else "RMSNorm without affine parameters over a channel axis",
-                       kind="RMSNorm")
+                       None if m.weight is not None else f"{kind} without affine parameters over a channel axis",
+                       kind=kind)
 
 
 def _normalization_function(ctx: RuleContext, owner: type, bias: bool, kind: str, function: str):

@@ -129,9 +129,7 @@ def sliding_windows(ctx: RuleContext, node):
 def affine_grid(ctx: RuleContext, node):
     """``affine_grid(theta (N, d, d+1), size)``: sampling coordinates from a transform; theta's axes are
     coordinates, never channels (they freeze), and the grid carries none."""
-    for axis in ctx.tlabel(ctx.arg(0, "theta")):
-        if axis is not None:
-            ctx.freeze(axis, "affine_grid's theta holds a transform, not channels")
+    ctx.freeze(ctx.tlabel(ctx.arg(0, "theta")), "affine_grid's theta holds a transform, not channels")
     return ctx.unlabeled_output()
 
 
@@ -141,7 +139,5 @@ def grid_sample(ctx: RuleContext, node):
     the same coordinates, so the channels pass through exactly; a channel label on the grid (its coordinates
     or its spatial axes) freezes it."""
     x, grid = ctx.arg(0, "input"), ctx.arg(1, "grid")
-    for axis in ctx.tlabel(grid):
-        if axis is not None:
-            ctx.freeze(axis, "grid_sample coordinates computed from channels")
+    ctx.freeze(ctx.tlabel(grid), "grid_sample coordinates computed from channels")
     return spatial_axes(ctx, x, range(2, len(ctx.tlabel(x))))
