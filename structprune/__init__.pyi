@@ -30,6 +30,10 @@ from .graph.dependency_graph import (
     DependencyGraph as DependencyGraph,
     Group as Group,
 )
+from .layerwise.pretrained import (
+    PretrainedReport as PretrainedReport,
+    prune_pretrained as prune_pretrained,
+)
 from .masks import (
     Granularity as Granularity,
     Mask as Mask,

@@ -96,13 +96,18 @@ class PruningSession:
             self._check_materialised()
             if self._planner is None:
                 _warn_if_weights_alone_judge_a_language_model(self.model, score.criterion, score.data)
-            context = ScoringContext(self.model, self.graph, data=score.data, loss_fn=score.loss_fn,
-                                     reduction=score.reduction, seed=score.seed)
+            context = self._scoring_context()
             # rescoring keeps the groups a dry run already showed to break: new scores do not make them safe
             excluded = self._planner.excluded if self._planner is not None else set()
             self._planner = Planner(self.graph, context, get_criterion(score.criterion), self.options.plan.ignore)
             self._planner.exclude(excluded)
         return self._planner
+
+    def _scoring_context(self) -> ScoringContext:
+        """What the criterion reads (a session whose weights live elsewhere supplies its own)."""
+        score = self.options.score
+        return ScoringContext(self.model, self.graph, data=score.data, loss_fn=score.loss_fn,
+                              reduction=score.reduction, seed=score.seed)
 
     # ----- plan ----------------------------------------------------------------------------------------------
     def plan(self, dry_run: Optional[bool] = None) -> Plan:

@@ -14,7 +14,7 @@ dependency graph's channel spaces use), together with the weight's input dim.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -106,6 +106,41 @@ def _features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def weighted_layers(model: nn.Module) -> List[Tuple[str, str, nn.Module]]:
+    """(module path, canonical weight name, module) of every layer that multiplies its input by a weight whose
+    input features the statistics describe (transposed convolutions excluded: their inputs are grouped
+    differently)."""
+    canonical = canonical_names(dict(model.named_parameters()))
+    layers = []
+    for path, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if input_axis(module, "weight") is None or not isinstance(weight, torch.Tensor) or id(weight) not in canonical:
+            continue
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            continue
+        layers.append((path, canonical[id(weight)], module))
+    return layers
+
+
+def watch_inputs(layers: Iterable[Tuple[str, str, nn.Module]], statistics: Dict[str, InputStatistics]) -> List[Any]:
+    """Forward pre-hooks folding every input of ``layers`` (from :func:`weighted_layers`) into ``statistics``,
+    keyed by canonical weight name; returns the hook handles (remove them when done)."""
+    handles = []
+    for _, name, module in layers:
+        axis = input_axis(module, "weight")
+        assert axis is not None
+        stats = statistics.setdefault(name, InputStatistics(axis, int(getattr(module, "groups", 1))))
+        handles.append(module.register_forward_pre_hook(_recorder(stats)))
+    return handles
+
+
+def _recorder(stats: InputStatistics) -> Any:
+    def record(module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            stats.add(_features(module, args[0]))
+    return record
+
+
 @dataclass
 class ActivationCollector:
     """Streams calibration batches through ``model`` and keeps :class:`InputStatistics` per weighted layer."""
@@ -119,18 +154,7 @@ class ActivationCollector:
         if data is None:
             raise InvalidOptionError("activation-aware criteria need calibration data: pass data=<batches or "
                                      "DataLoader> (token tensors, dicts of model inputs, or (inputs, targets) pairs)")
-        canonical = canonical_names(dict(self.model.named_parameters()))
-        handles: List[Any] = []
-        for module in self.model.modules():
-            weight = getattr(module, "weight", None)
-            axis = input_axis(module, "weight")
-            if axis is None or not isinstance(weight, torch.Tensor) or id(weight) not in canonical:
-                continue
-            if isinstance(module, nn.modules.conv._ConvTransposeNd):
-                continue  # its input channels are dim 0 of the weight and grouped differently: not modelled
-            stats = self.statistics.setdefault(canonical[id(weight)],
-                                               InputStatistics(axis, int(getattr(module, "groups", 1))))
-            handles.append(module.register_forward_pre_hook(self._hook(stats)))
+        handles = watch_inputs(weighted_layers(self.model), self.statistics)
         batches = 0
         try:
             with eval_mode(self.model), torch.no_grad():
@@ -143,13 +167,6 @@ class ActivationCollector:
         if batches == 0:
             raise InvalidOptionError("the calibration data yielded no batches; pass a non-empty data=...")
         return {name: stats for name, stats in self.statistics.items() if stats.count}
-
-    @staticmethod
-    def _hook(stats: InputStatistics) -> Any:
-        def record(module: nn.Module, args: tuple) -> None:
-            if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-                stats.add(_features(module, args[0]))
-        return record
 
 
 def per_weight_column(stats: InputStatistics, weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -168,4 +185,5 @@ def per_weight_column(stats: InputStatistics, weight: torch.Tensor, values: torc
     return values.reshape(shape)
 
 
-__all__ = ["ActivationCollector", "InputStatistics", "per_weight_column", "run_batch"]
+__all__ = ["ActivationCollector", "InputStatistics", "per_weight_column", "run_batch", "watch_inputs",
+           "weighted_layers"]

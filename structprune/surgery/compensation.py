@@ -181,8 +181,7 @@ def _bias_of(model: nn.Module, path: str, layer: nn.Module, notes: Optional[List
         return bias
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
-    flag = next((CONFIG_BIAS_FLAGS[c.__name__] for c in type(parent).__mro__ if c.__name__ in CONFIG_BIAS_FLAGS),
-                None)
+    flag = _bias_flag(parent)
     siblings = flag[1] if flag is not None and child in flag[1] else (child,)
     for sibling in siblings:
         target = getattr(parent, sibling, None)
@@ -202,6 +201,23 @@ def _bias_of(model: nn.Module, path: str, layer: nn.Module, notes: Optional[List
     created = getattr(layer, "bias")
     assert isinstance(created, torch.Tensor)
     return created
+
+
+def _bias_flag(parent: nn.Module) -> Optional[Tuple[str, Tuple[str, ...]]]:
+    """The config flag (and the child layers it governs) of ``parent``'s class, if one is registered."""
+    return next((CONFIG_BIAS_FLAGS[c.__name__] for c in type(parent).__mro__ if c.__name__ in CONFIG_BIAS_FLAGS),
+                None)
+
+
+def config_can_hold_bias(model: nn.Module, path: str) -> bool:
+    """Would ``from_pretrained`` rebuild a bias on the layer at ``path`` after compensation gave it one: it has
+    one already, or a registered config flag of its parent switches it on."""
+    layer = model.get_submodule(path)
+    if isinstance(getattr(layer, "bias", None), torch.Tensor):
+        return True
+    parent_path, _, child = path.rpartition(".")
+    flag = _bias_flag(model.get_submodule(parent_path) if parent_path else model)
+    return flag is not None and child in flag[1] and getattr(getattr(model, "config", None), flag[0], None) is not None
 
 
 def constant_channels(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, InputStatistics]:
@@ -243,4 +259,4 @@ def constant_channels(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str,
     return constant
 
 
-__all__ = ["Compensation", "constant_channels", "register_bias_flag"]
+__all__ = ["Compensation", "config_can_hold_bias", "constant_channels", "register_bias_flag"]

@@ -9,45 +9,63 @@ the vocabulary. :func:`distill` is that step, built for pruned language models a
   models' dtype; padding excluded through the batch's ``attention_mask``) plus ``(1 - alpha)`` times the task
   loss (the model's own ``loss`` for batches with ``labels``, cross-entropy for ``(inputs, targets)`` pairs,
   or ``loss_fn``) plus ``hidden`` times a hidden-state matching term (normalised MSE between student layers
-  and the teacher layers at the same relative depth, so a depth-pruned student matches too);
+  and the teacher layers at the same relative depth, so a depth-pruned student matches too); the losses
+  are in :mod:`.distill_losses`;
 * AdamW over the student's trainable parameters, gradient-norm clipping, a wall-clock budget;
 * resumable: ``checkpoint=`` a folder where the student (safetensors), the optimizer and RNG state (a
   tensors-only file read back with ``weights_only=True``) and a JSON record are written atomically every
-  ``checkpoint_every`` steps; calling again with the same folder continues where it stopped;
-* under ``torchrun`` (``torch.distributed`` initialised, world size above one) the student is wrapped in
-  ``DistributedDataParallel``: each rank passes its own shard of the data, gradients are averaged, rank 0
-  writes the checkpoints.
+  ``checkpoint_every`` steps; calling again with the same folder continues where it stopped
+  (:mod:`.distill_checkpoint`);
+* under ``torchrun`` (``torch.distributed`` initialised) each rank passes its own shard of the data and
+  rank 0 writes the checkpoints; the student is wrapped in ``DistributedDataParallel`` (``parallel="ddp"``,
+  the default with more than one rank), or student and teacher are sharded with FSDP2
+  (``parallel="fsdp"``) for models that do not fit one device (:mod:`.distill_parallel`).
+
+This module holds the public function, the training loop, the walk over the data and the option checks.
 """
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Union
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidOptionError
 from ..options import check_positive_int, require_module
-from ..planning.hardware import model_device_dtype
 from ..scoring.activations import run_batch
-from ..tools.outputs import logits_of
 from ..tools.progress import progress_bar
+from .distill_checkpoint import RECORD, SETTINGS, load_optimizer, load_student, read_record, save_checkpoint
+from .distill_losses import (
+    TaskLoss,
+    attention_mask,
+    hidden_loss,
+    hidden_states,
+    kl_loss,
+    logits,
+    task_loss,
+    with_hidden_states,
+)
+from .distill_parallel import (
+    Placement,
+    any_rank,
+    batch_to,
+    check_parallel,
+    device_of,
+    is_writer,
+    mean_over_ranks,
+    place,
+)
 
 Batch = Any
 Forward = Callable[[nn.Module, Batch], Any]
-TaskLoss = Callable[[Any, Batch], torch.Tensor]
 
-RECORD = "distill.json"
-SETTINGS = ("lr", "weight_decay", "temperature", "alpha", "hidden")  # a resumed run must keep these
+__all__ = ["RECORD", "SETTINGS", "DistillResult", "distill", "hidden_loss", "kl_loss"]
 
 
 @dataclass
@@ -57,7 +75,7 @@ class DistillResult:
     Attributes:
         steps: optimizer steps taken in total (a resumed run counts the earlier ones too).
         seconds: wall-clock seconds this call took (a resumed run counts only its own).
-        losses: the loss of every step, in order.
+        losses: the loss of every step, in order (under torchrun, the mean over ranks).
         resumed_from: the step a checkpoint was resumed at (0 for a fresh run).
         stopped: why the run ended: ``"steps"``, ``"data"`` when ``epochs`` passes over the data were
             done, ``"time"`` when ``max_seconds`` ran out.
@@ -81,7 +99,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch], *, st
             alpha: float = 1.0, hidden: float = 0.0, loss_fn: Optional[TaskLoss] = None,
             max_seconds: Optional[float] = None, checkpoint: Union[str, os.PathLike, None] = None,
             checkpoint_every: int = 100, progress: bool = False, forward: Optional[Forward] = None,
-            grad_clip: Optional[float] = 1.0) -> DistillResult:
+            grad_clip: Optional[float] = 1.0, parallel: Optional[str] = None) -> DistillResult:
     """Train ``student`` (the pruned model, in place) to imitate ``teacher`` (the dense one) on ``data``.
 
     ``data`` yields batches as calibration data does: a tensor of inputs (token ids), a mapping of keyword
@@ -91,32 +109,47 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch], *, st
     ``data``, stopping early when ``max_seconds`` have elapsed. The teacher is only evaluated (``eval()``,
     no gradients); the student's training mode is restored when the run ends.
 
+    Under ``torchrun`` each rank passes its own shard of the data; gradients and the logged losses are
+    averaged over ranks. ``parallel`` says how: ``None`` (the default) wraps the student in
+    ``DistributedDataParallel`` when there is more than one rank; ``"ddp"`` asks for that explicitly;
+    ``"fsdp"`` shards student and teacher over the ranks with FSDP2 (``fully_shard`` on each decoder layer,
+    or other repeated block, then on the root), so each rank holds about ``1 / world_size`` of their
+    weights and of the optimizer state. The caller's modules are not converted: sharded copies are trained
+    and, when the run ends, the trained weights are gathered back into ``student`` on every rank, as
+    ordinary tensors (if the run raises, ``student`` holds the weights training started from, those of the
+    checkpoint when resuming, and the last checkpoint holds the progress). A student on the CPU under the
+    NCCL backend is sharded onto each rank's current GPU.
+
     Options are checked before anything changes: an invalid one raises :class:`InvalidOptionError` with the
     student untouched.
     """
-    _check(student, teacher, data, steps, epochs, lr, weight_decay, temperature, alpha, hidden, loss_fn,
-           max_seconds, checkpoint_every, grad_clip)
+    parallel = _check(student, teacher, data, steps, epochs, lr, weight_decay, temperature, alpha, hidden,
+                      loss_fn, max_seconds, checkpoint_every, grad_clip, parallel)
     settings = {"lr": lr, "weight_decay": weight_decay, "temperature": temperature, "alpha": alpha,
                 "hidden": hidden}
-    record = _read_record(Path(checkpoint), settings) if checkpoint is not None else None
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    folder = Path(checkpoint) if checkpoint is not None else None
+    record = read_record(folder, settings) if folder is not None else None
     if hidden:
         data = _check_hidden_widths(student, teacher, data, forward)
+    if folder is not None and record is not None:
+        load_student(folder, record, student)
+    placement = place(student, teacher, parallel)
+    trainable = [p for _, p in placement.trainable()]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     resumed_from = 0
     losses: List[float] = []
-    if record is not None:
-        _load_checkpoint(Path(checkpoint), record, student, optimizer)  # type: ignore[arg-type]
+    if folder is not None and record is not None:
+        load_optimizer(folder, record, placement, optimizer)
         resumed_from, losses = record["step"], list(record["losses"])
 
-    run = _Run(student, teacher, forward, temperature, alpha, hidden, loss_fn)
+    run = _Run(placement, forward, temperature, alpha, hidden, loss_fn)
     total = steps if steps is not None else _epoch_steps(data, epochs)
-    bar = progress_bar(total, "distill") if progress and _is_writer() else None
+    bar = progress_bar(total, "distill") if progress and is_writer() else None
     if bar is not None:
         bar.update(resumed_from)
     student_mode, teacher_mode = student.training, teacher.training
-    student.train()
-    teacher.eval()
+    placement.model.train()
+    placement.teacher.eval()
     start = time.perf_counter()
     step, stopped = resumed_from, "data"
     try:
@@ -126,26 +159,27 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch], *, st
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable, grad_clip)  # DTensor gradients too: the global norm
             optimizer.step()
             step += 1
-            losses.append(_mean_over_ranks(loss.detach()))
+            losses.append(mean_over_ranks(loss.detach()))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if checkpoint is not None and step % checkpoint_every == 0:
-                _save_checkpoint(Path(checkpoint), step, losses, settings, student, optimizer)
+            if folder is not None and step % checkpoint_every == 0:
+                save_checkpoint(folder, step, losses, settings, student, placement, optimizer)
             if steps is not None and step >= steps:
                 break
-            if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+            if max_seconds is not None and any_rank(time.perf_counter() - start >= max_seconds, run.student_device):
                 stopped = "time"
                 break
         if steps is not None and step >= steps:
             stopped = "steps"
-        if checkpoint is not None and step > resumed_from and step % checkpoint_every:
-            _save_checkpoint(Path(checkpoint), step, losses, settings, student, optimizer)
+        if folder is not None and step > resumed_from and step % checkpoint_every:
+            save_checkpoint(folder, step, losses, settings, student, placement, optimizer)
+        placement.give_back(student)
     finally:
-        run.close()
+        placement.close()
         student.train(student_mode)
         teacher.train(teacher_mode)
         if bar is not None:
@@ -154,123 +188,31 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch], *, st
 
 
 class _Run:
-    """The per-batch loss: the student (wrapped in DistributedDataParallel under torchrun) against the
-    teacher."""
+    """The per-batch loss: the student as placed (itself, its DDP wrapper or its FSDP2 shards) against the
+    teacher (itself or its shards)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, forward: Optional[Forward], temperature: float,
-                 alpha: float, hidden: float, loss_fn: Optional[TaskLoss]):
-        self.student, self.teacher = student, teacher
-        self.trained = _ddp(student)
-        self.forward = forward or (_with_hidden_states if hidden else run_batch)
+    def __init__(self, placement: Placement, forward: Optional[Forward], temperature: float, alpha: float,
+                 hidden: float, loss_fn: Optional[TaskLoss]):
+        self.placement = placement
+        self.student_device, self.teacher_device = device_of(placement.model), device_of(placement.teacher)
+        self.forward = forward or (with_hidden_states if hidden else run_batch)
         self.temperature, self.alpha, self.hidden, self.loss_fn = temperature, alpha, hidden, loss_fn
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        output = self.forward(self.trained, _to(batch, _device(self.student)))
-        loss = torch.zeros((), device=_device(self.student))
+        output = self.forward(self.placement.call, batch_to(batch, self.student_device))
+        loss = torch.zeros((), device=self.student_device)
         if self.alpha > 0 or self.hidden > 0:
             with torch.no_grad():
-                target = self.forward(self.teacher, _to(batch, _device(self.teacher)))
-            mask = _attention_mask(batch)
+                target = self.forward(self.placement.teacher, batch_to(batch, self.teacher_device))
+            mask = attention_mask(batch)
             if self.alpha > 0:
-                loss = loss + self.alpha * kl_loss(_logits(output), _logits(target).to(_logits(output).device),
+                loss = loss + self.alpha * kl_loss(logits(output), logits(target).to(logits(output).device),
                                                    self.temperature, mask)
             if self.hidden > 0:
-                loss = loss + self.hidden * hidden_loss(_hidden_states(output), _hidden_states(target), mask)
+                loss = loss + self.hidden * hidden_loss(hidden_states(output), hidden_states(target), mask)
         if self.alpha < 1:
-            loss = loss + (1 - self.alpha) * _task_loss(output, batch, self.loss_fn)
+            loss = loss + (1 - self.alpha) * task_loss(output, batch, self.loss_fn)
         return loss
-
-    def close(self) -> None:
-        self.trained = self.student  # drop the DDP wrapper (and its hooks on the student)
-
-
-def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-            mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per position (the last dim holds the
-    classes or vocabulary), averaged over the positions ``mask`` keeps; float32 whatever the logits' dtype."""
-    log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_position = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
-    return _masked_mean(per_position, mask) * temperature ** 2
-
-
-def hidden_loss(student_states: Tuple[torch.Tensor, ...], teacher_states: Tuple[torch.Tensor, ...],
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean over the student's layers of the MSE to the teacher layer at the same relative depth, each
-    divided by that teacher layer's mean square (so layers of every scale weigh alike)."""
-    last_student, last_teacher = len(student_states) - 1, len(teacher_states) - 1
-    terms = []
-    for i, state in enumerate(student_states):
-        target = teacher_states[round(i * last_teacher / max(last_student, 1))].float().to(state.device)
-        error = (state.float() - target).square().mean(-1)
-        scale = target.square().mean(-1)
-        terms.append(_masked_mean(error, mask) / _masked_mean(scale, mask).clamp_min(1e-12))
-    return torch.stack(terms).mean()
-
-
-def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    if mask is None or mask.shape != values.shape:
-        return values.mean()
-    keep = mask.to(values.device, torch.bool)
-    return values[keep].mean() if keep.any() else values.sum() * 0
-
-
-def _logits(output: Any) -> torch.Tensor:
-    logits = logits_of(output)
-    if logits is None:
-        raise InvalidOptionError(f"the model returned {type(output).__name__}, with no logits to distill; "
-                                 f"pass forward=lambda model, batch: <logits tensor>")
-    return logits
-
-
-def _hidden_states(output: Any) -> Tuple[torch.Tensor, ...]:
-    states = getattr(output, "hidden_states", None)
-    if states is None and isinstance(output, Mapping):
-        states = output.get("hidden_states")
-    if not states:
-        raise InvalidOptionError("hidden matching needs outputs with hidden_states (Hugging Face models return "
-                                 "them with output_hidden_states=True); pass forward= that returns them, or hidden=0")
-    return tuple(states)
-
-
-def _with_hidden_states(model: nn.Module, batch: Batch) -> Any:
-    """:func:`run_batch`, asking a Hugging Face model for its hidden states too."""
-    return run_batch(model, batch, output_hidden_states=True)
-
-
-def _attention_mask(batch: Batch) -> Optional[torch.Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Mapping):
-        batch = batch[0]
-    return batch.get("attention_mask") if isinstance(batch, Mapping) else None
-
-
-def _task_loss(output: Any, batch: Batch, loss_fn: Optional[TaskLoss]) -> torch.Tensor:
-    if loss_fn is not None:
-        return loss_fn(output, batch)
-    loss = getattr(output, "loss", None)
-    if loss is None and isinstance(output, Mapping):
-        loss = output.get("loss")
-    if isinstance(loss, torch.Tensor):
-        return loss
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
-        logits = _logits(output)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[1].to(logits.device).reshape(-1))
-    raise InvalidOptionError("alpha < 1 mixes in a task loss, and this batch has none: pass batches with "
-                             "labels, (inputs, targets) pairs, or loss_fn=lambda output, batch: ...")
-
-
-def _to(batch: Batch, device: torch.device) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(v, device) for v in batch)
-    return batch
-
-
-def _device(model: nn.Module) -> torch.device:
-    return model_device_dtype(model)[0]
 
 
 # ---- the data: epochs, steps, resuming ----------------------------------------------------------------
@@ -306,7 +248,8 @@ def _epoch_steps(data: Iterable[Batch], epochs: int) -> Optional[int]:
 def _check(student: nn.Module, teacher: nn.Module, data: Iterable[Batch], steps: Optional[int], epochs: int,
            lr: float, weight_decay: float, temperature: float, alpha: float, hidden: float,
            loss_fn: Optional[TaskLoss], max_seconds: Optional[float], checkpoint_every: int,
-           grad_clip: Optional[float]) -> None:
+           grad_clip: Optional[float], parallel: Any) -> Optional[str]:
+    """Refuse invalid options; return how the run is parallelised (:func:`check_parallel`)."""
     require_module(student)
     require_module(teacher)
     if student is teacher:
@@ -332,6 +275,7 @@ def _check(student: nn.Module, teacher: nn.Module, data: Iterable[Batch], steps:
     if steps is None and isinstance(data, Iterator) and epochs > 1:  # a generator: iter() would not restart it
         raise InvalidOptionError("epochs > 1 needs data that can be iterated again (a list or a DataLoader), "
                                  "not a one-shot iterator; pass steps=... instead")
+    return check_parallel(parallel)
 
 
 def _number(name: str, value: Any, low_open: bool) -> None:
@@ -352,21 +296,21 @@ def _check_hidden_widths(student: nn.Module, teacher: nn.Module, data: Iterable[
         raise InvalidOptionError("the distillation data yielded no batches; pass a non-empty data=...")
     if iterator is data:
         data = itertools.chain([batch], iterator)
-    call = forward or _with_hidden_states
+    call = forward or with_hidden_states
     widths = []
     for model in (student, teacher):
         mode = model.training
         model.eval()
         try:
             with torch.no_grad():
-                output = call(model, _to(batch, _device(model)))
+                output = call(model, batch_to(batch, device_of(model)))
         except TypeError as error:
             raise InvalidOptionError(f"hidden matching could not get hidden states from "
                                      f"{type(model).__name__} ({error}); pass forward= that returns them, "
                                      f"or hidden=0") from error
         finally:
             model.train(mode)
-        widths.append(_hidden_states(output)[-1].shape[-1])
+        widths.append(hidden_states(output)[-1].shape[-1])
     if widths[0] != widths[1]:
         raise InvalidOptionError(f"hidden matching needs the student's hidden states as wide as the teacher's "
                                  f"({widths[0]} vs {widths[1]}): prune with hidden=False (keep the residual "
@@ -374,80 +318,3 @@ def _check_hidden_widths(student: nn.Module, teacher: nn.Module, data: Iterable[
     return data
 
 
-# ---- checkpoints: safetensors + a tensors-only optimizer file + JSON, written atomically --------------
-
-def _read_record(folder: Path, settings: Dict[str, float]) -> Optional[Dict[str, Any]]:
-    path = folder / RECORD
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    changed = {k: (record["settings"].get(k), v) for k, v in settings.items() if record["settings"].get(k) != v}
-    if changed:
-        described = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise InvalidOptionError(f"the checkpoint in {folder} was written with other settings ({described}); "
-                                 f"resume with the same ones, or pass a new checkpoint folder")
-    return record
-
-
-def _load_checkpoint(folder: Path, record: Dict[str, Any], student: nn.Module,
-                     optimizer: torch.optim.Optimizer) -> None:
-    from safetensors.torch import load_model
-
-    missing, unexpected = load_model(student, str(folder / record["student"]), strict=False)
-    if missing or unexpected:
-        raise InvalidOptionError(f"the checkpoint in {folder} holds another model (missing {missing[:3]}, "
-                                 f"unexpected {unexpected[:3]}); pass the student it was written for")
-    state = torch.load(folder / record["optimizer"], weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-
-
-def _save_checkpoint(folder: Path, step: int, losses: List[float], settings: Dict[str, float],
-                     student: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Files named by step, then the JSON record that points at them swapped in by one rename: a run killed
-    at any moment leaves the previous checkpoint whole."""
-    if _is_writer():
-        from safetensors.torch import save_model
-
-        folder.mkdir(parents=True, exist_ok=True)
-        previous = json.loads((folder / RECORD).read_text()) if (folder / RECORD).exists() else None
-        names = {"student": f"student-{step}.safetensors", "optimizer": f"optimizer-{step}.pt"}
-        save_model(student, str(folder / names["student"]))
-        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, folder / names["optimizer"])
-        record = {"step": step, "losses": losses, "settings": settings, **names}
-        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".json", delete=False) as handle:
-            json.dump(record, handle)
-        os.replace(handle.name, folder / RECORD)
-        if previous is not None:
-            for key in ("student", "optimizer"):
-                if previous[key] != names[key]:
-                    (folder / previous[key]).unlink(missing_ok=True)
-    if _distributed():
-        dist.barrier()
-
-
-# ---- torch.distributed -------------------------------------------------------------------------------
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _is_writer() -> bool:
-    return not _distributed() or dist.get_rank() == 0
-
-
-def _ddp(student: nn.Module) -> nn.Module:
-    if not _distributed():
-        return student
-    from torch.nn.parallel import DistributedDataParallel
-
-    device = _device(student)
-    return DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
-
-
-def _mean_over_ranks(loss: torch.Tensor) -> float:
-    if _distributed():
-        loss = loss.clone()
-        dist.all_reduce(loss)
-        loss /= dist.get_world_size()
-    return float(loss)

@@ -1,0 +1,176 @@
+"""prune_pretrained: a Hugging Face folder pruned layer by layer into another, never loaded whole.
+
+The streamed path must give, tensor for tensor, what in-memory ``slim`` gives with the same options
+(one code path with two sources); each pruned layer is checked against the zeroed original layer, so
+a wrong rule is caught without the whole model in memory; and bad input leaves nothing behind.
+"""
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+import structprune as sp
+from structprune.errors import InvalidOptionError, LoadError, StructPruneError, VerificationError
+
+SMALL = dict(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32)
+FAMILIES = {
+    "llama-tied": lambda: LlamaConfig(**SMALL, tie_word_embeddings=True),
+    "qwen2": lambda: Qwen2Config(**SMALL, tie_word_embeddings=False),  # biases on q, k, v
+    "qwen3": lambda: Qwen3Config(**SMALL, tie_word_embeddings=True),  # q_norm and k_norm per head
+    "mistral": lambda: MistralConfig(**SMALL, sliding_window=None),
+    "gemma": lambda: GemmaConfig(**SMALL),  # scaled embeddings, tied head, (1 + w) norms
+}
+OPTIONS = dict(ratio=0.3, criterion="flap", hidden=False)
+# prune_pretrained compensates only where the config has a bias flag (LLaMA's mlp_bias, attention_bias);
+# slim compensates everywhere, so the families without such flags are compared without compensation
+NO_BIAS_FLAG = {family: dict(compensate=False) for family in ("gemma", "mistral", "qwen2", "qwen3")}
+
+
+def calibration(vocab=256, count=3, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (2, 16), generator=generator) for _ in range(count)]
+
+
+def saved(config, folder, dtype=torch.float32, **save):
+    torch.manual_seed(0)
+    # dtype= as from_pretrained builds it: computed buffers (rotary frequencies) stay float32
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    model.save_pretrained(folder, **save)
+    return model
+
+
+def assert_same_weights(folder, in_memory):
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=next(in_memory.parameters()).dtype).eval()
+    expected, got = in_memory.state_dict(), reloaded.state_dict()
+    assert set(expected) == set(got)
+    differ = [k for k in expected if expected[k].shape != got[k].shape or not torch.equal(expected[k], got[k])]
+    assert not differ, differ[:5]
+    return reloaded
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_streamed_pruning_gives_the_weights_slim_gives(family, tmp_path):
+    model = saved(FAMILIES[family](), tmp_path / "src", max_shard_size="300KB")  # several shards and an index
+    assert (tmp_path / "src" / "model.safetensors.index.json").exists()
+    batches, options = calibration(), {**OPTIONS, **NO_BIAS_FLAG.get(family, {})}
+    report = sp.prune_pretrained(tmp_path / "src", tmp_path / "out", data=batches, progress=False, **options)
+    small, slim_report = sp.slim_with_report(model, batches[0], data=batches, **options)
+    assert report.params_after == slim_report.params_after < 0.85 * report.params_before
+    assert len(report.blocks) == 3 and all(b.passed and b.exact for b in report.blocks)
+    reloaded = assert_same_weights(tmp_path / "out", small)
+    ids = batches[1]
+    assert torch.equal(reloaded(ids).logits, small(ids).logits)
+    out = reloaded.generate(ids[:1, :4], max_new_tokens=4, do_sample=False, use_cache=True)
+    assert torch.equal(out, reloaded.generate(ids[:1, :4], max_new_tokens=4, do_sample=False, use_cache=False))
+
+
+def test_bfloat16_checkpoint_with_a_params_target_and_hidden_spills_activations_to_disk(tmp_path):
+    config = LlamaConfig(**{**SMALL, "num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 512,
+                            "head_dim": 64}, tie_word_embeddings=False)
+    model = saved(config, tmp_path / "src", dtype=torch.bfloat16)
+    batches = calibration()
+    options = dict(target={"params": 0.2}, criterion="wanda", hidden=True, compensate=False)
+    report = sp.prune_pretrained(tmp_path / "src", tmp_path / "out", data=batches, progress=False,
+                                 activation_memory=0, **options)  # every hidden state goes through a file
+    small, slim_report = sp.slim_with_report(model, batches[0], data=batches, **options)
+    assert report.params_after == slim_report.params_after
+    assert all(b.passed and not b.exact for b in report.blocks)  # RMSNorm over a pruned width: shapes only
+    assert_same_weights(tmp_path / "out", small)
+
+
+def test_a_wrong_rule_is_caught_layer_by_layer_and_nothing_is_written(tmp_path, monkeypatch):
+    saved(FAMILIES["llama-tied"](), tmp_path / "src")
+    import structprune.surgery.shrink as shrink
+    real = shrink.sliced_tensors
+
+    def wrong(model, dg, dropped):  # a rule that keeps the wrong feed-forward channels of down_proj
+        replacements = real(model, dg, dropped)
+        names = {id(t): n for n, t in model.named_parameters()}
+        for key, tensor in replacements.items():
+            if names.get(key, "").endswith("mlp.down_proj.weight") and not tensor.is_meta:
+                replacements[key] = torch.nn.Parameter(tensor.detach().roll(1, dims=1), requires_grad=False)
+        return replacements
+
+    monkeypatch.setattr(shrink, "sliced_tensors", wrong)
+    with pytest.raises(VerificationError, match="block 0 differs from the zeroed original"):
+        sp.prune_pretrained(tmp_path / "src", tmp_path / "out", data=calibration(), progress=False, **OPTIONS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_bad_folders_are_refused_with_a_clear_error(tmp_path):
+    model = saved(FAMILIES["llama-tied"](), tmp_path / "src")
+    data = calibration()
+    pickled = tmp_path / "pickled"
+    model.save_pretrained(pickled, safe_serialization=False) if False else None
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp_path / "src" / "config.json").read_text())
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(LoadError, match="no \\*.safetensors weights.*pickled weights are not read"):
+        sp.prune_pretrained(pickled, tmp_path / "out", data=data, progress=False)
+
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "config.json").write_text((tmp_path / "src" / "config.json").read_text())
+    payload = (tmp_path / "src" / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(payload[: len(payload) - 1000])
+    with pytest.raises(LoadError, match="truncated or damaged"):
+        sp.prune_pretrained(truncated, tmp_path / "out", data=data, progress=False)
+
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (refused / "config.json").write_text(json.dumps({**config, "model_type": "no-such-model"}))
+    (refused / "model.safetensors").write_bytes(payload)
+    with pytest.raises(LoadError, match="config .* cannot be read by transformers"):
+        sp.prune_pretrained(refused, tmp_path / "out", data=data, progress=False)
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(InvalidOptionError, match="already exists"):
+        sp.prune_pretrained(tmp_path / "src", tmp_path / "out", data=data, progress=False)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+    with pytest.raises(InvalidOptionError, match="gradient criteria"):
+        sp.prune_pretrained(tmp_path / "src", tmp_path / "new", data=data, progress=False, criterion="taylor")
+    with pytest.raises(InvalidOptionError, match="does not take inplace"):
+        sp.prune_pretrained(tmp_path / "src", tmp_path / "new", data=data, inplace=True)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_disk_that_fills_up_mid_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    saved(FAMILIES["llama-tied"](), tmp_path / "src")
+    from structprune.layerwise import writer
+    real, calls = writer._ShardFile.write, []
+
+    def full(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, tensor)
+
+    monkeypatch.setattr(writer._ShardFile, "write", full)
+    with pytest.raises(StructPruneError, match="the disk is full"):
+        sp.prune_pretrained(tmp_path / "src", tmp_path / "out", data=calibration(), progress=False, **OPTIONS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no destination, no partial folder
+
+
+def test_compensation_goes_only_where_the_config_can_hold_it_unless_asked(tmp_path, caplog):
+    model = saved(FAMILIES["qwen2"](), tmp_path / "src")
+    batches = calibration()
+    # asked for explicitly: Qwen2's o_proj and down_proj have no bias flag, so the plan cannot reload: refused
+    with pytest.raises(StructPruneError, match="from_pretrained would drop"):
+        sp.prune_pretrained(tmp_path / "src", tmp_path / "out", data=batches, progress=False, compensate=True,
+                            **OPTIONS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    # by default those layers go uncompensated, with a warning, and the folder reloads
+    with caplog.at_level("WARNING", logger="structprune"):
+        report = sp.prune_pretrained(tmp_path / "src", tmp_path / "out", data=batches, progress=False, **OPTIONS)
+    assert any("bias compensation skipped" in r.message for r in caplog.records)
+    assert any("Qwen2MLP" in n or "Linear down_proj" in n for n in report.notes)
+    small = sp.slim(model, batches[0], data=batches, compensate=False, **OPTIONS)
+    assert_same_weights(tmp_path / "out", small)
