@@ -189,11 +189,19 @@ def test_a_config_that_cannot_describe_the_model_is_reported():
     assert any("cannot describe the pruned shapes" in note for note in report.graph.notes)
 
 
-def test_a_config_hugging_face_would_refuse_is_reported():
+def test_head_counts_stay_ones_the_config_accepts(tmp_path):
+    # LlamaConfig refuses a hidden size that is not a multiple of num_attention_heads: 8 -> 6 heads at hidden 64
+    # could not be saved, so the plan keeps a head count the config accepts (8, or 4 at a larger ratio)
     model, x = _build("llama")
-    small, report = sp.slim_with_report(model, (x,), 0.3, hidden=False)  # 8 -> 6 heads, hidden 64
-    assert any("from_pretrained will refuse" in note for note in report.graph.notes)
+    for ratio in (0.3, 0.6):
+        small, report = sp.slim_with_report(model, (x,), ratio, hidden=False)
+        assert not any("from_pretrained will refuse" in note for note in report.graph.notes)
+        assert 64 % small.config.num_attention_heads == 0
+    assert small.config.num_attention_heads == 4 and small.model.layers[0].self_attn.q_proj.out_features == 32
+    small.save_pretrained(tmp_path)
+    reloaded = type(small).from_pretrained(tmp_path).eval()
     with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, small(x).logits)
         assert small.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 15)
 
 
@@ -356,7 +364,9 @@ def test_a_save_pretrained_reload_computes_what_the_pruned_model_does_or_the_rep
 def test_a_config_transformers_refuses_is_reported_with_advice_that_works(tmp_path):
     # transformers validates a config on save as well as on load: the advice must not be save_pretrained
     model, x = _build("llama")
-    small, report = sp.slim_with_report(model, (x,), 0.3, hidden=False)  # 6 heads cannot divide hidden 64
+    # pruning the hidden width too: 6 heads cannot divide the pruned hidden 40 (hidden=False keeps head counts the
+    # config accepts, see test_head_counts_stay_ones_the_config_accepts)
+    small, report = sp.slim_with_report(model, (x,), 0.4)
     note = next(n for n in report.graph.notes if "refuse" in n)
     assert "save_pretrained and from_pretrained will refuse" in note and "sp.save" in note
     with pytest.raises(Exception):

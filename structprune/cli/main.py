@@ -589,6 +589,9 @@ def parser() -> argparse.ArgumentParser:
                    help="channel importance (default l2)")
     p.set_defaults(run=cmd_bench)
 
+    from . import llm
+    llm.add_parser(sub, common, _argument, sys.modules[__name__])
+
     p = sub.add_parser("demo", help="prune the built-in example and print the before/after report", parents=[common])
     p.set_defaults(run=cmd_demo)
     return top

@@ -113,6 +113,7 @@ class LayerLoop:
         self.activation_memory = activation_memory
         self._spill = tempfile.TemporaryDirectory(prefix="structprune-hidden-")
         self.calls: List[BlockCall] = []
+        self.answers: Dict[str, List[Any]] = {}  # module path -> its output per batch, recorded by capture
 
     def _to_device(self, batch: Any) -> Any:
         return torch.utils._pytree.tree_map(
@@ -165,6 +166,11 @@ class LayerLoop:
             raise _Stop
 
         handle = self.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+        # what the weighted modules before the first block answer (the embeddings' output), so that replaying the
+        # head never loads them again
+        self.answers = {path: [] for path in self._weighted_outside()}
+        recorders = [self.model.get_submodule(path).register_forward_hook(
+            lambda _m, _a, output, kept=kept: kept.append(output)) for path, kept in self.answers.items()]
         try:
             with self._outside_blocks_on_call(), torch.no_grad():
                 for batch in self.batches[:batches]:
@@ -175,7 +181,23 @@ class LayerLoop:
                     raise StructPruneError("the model's forward never called its first block")
         finally:
             handle.remove()
+            for recorder in recorders:
+                recorder.remove()
+        self.answers = {path: kept for path, kept in self.answers.items() if len(kept) == len(self.calls)}
         return states
+
+    def _weighted_outside(self) -> List[str]:
+        """Paths of the modules outside the blocks that own stored tensors themselves."""
+        inside = tuple(f"{p}." for p in self.block_prefixes)
+        found = []
+        for path, module in self.model.named_modules():
+            if path in self.block_prefixes or path.startswith(inside):
+                continue
+            own = [f"{path}.{n}" if path else n for n, t in list(module._parameters.items()) +
+                   list(module._buffers.items()) if t is not None]
+            if any(self.materializer.canonical[name] in self.materializer.stored for name in own):
+                found.append(path)
+        return found
 
     def run_block(self, index: int, states: HiddenStates, only: Optional[int] = None) -> HiddenStates:
         """Run block ``index`` (its weights live) on every batch's hidden states (or batch ``only``)."""
@@ -199,14 +221,17 @@ class LayerLoop:
 
         for block in self.blocks:
             block.forward = answer  # an instance attribute: nn.Module.__call__ finds it before the class's forward
+        before = [self.model.get_submodule(path) for path in self.answers]
+        for module, kept in zip(before, self.answers.values()):
+            module.forward = lambda *_a, kept=kept, **_k: kept[current["batch"]]
         try:
             with self._outside_blocks_on_call(), torch.no_grad():
                 for b, batch in enumerate(self.batches):
                     current["batch"] = b
                     run_batch(self.model, batch, use_cache=False)
         finally:
-            for block in self.blocks:
-                del block.forward
+            for module in [*self.blocks, *before]:
+                del module.forward
 
 
 __all__ = ["BlockCall", "HiddenStates", "LayerLoop", "find_blocks"]

@@ -34,6 +34,7 @@ logger = logging.getLogger("structprune")
 
 # slim options that have no meaning here: the model is never in memory, nor is a loss computed over it
 _NOT_HERE = ("inplace", "loss_fn", "reference_widths", "tracer")
+LLM_DEFAULTS = {"criterion": "flap", "hidden": False}
 
 
 @dataclass
@@ -165,6 +166,15 @@ def _prune_outside(loop: LayerLoop, surgery: LayerSurgery, writer: ShardWriter) 
 def _check_describable(surgery: LayerSurgery) -> None:
     """Before anything is written: ``from_pretrained`` can rebuild the pruned structure from its refreshed config
     (every tensor the shape the config gives it, none it would drop)."""
+    validate = getattr(surgery.target.config, "validate", None)
+    try:
+        if callable(validate):
+            validate()  # what save_pretrained and from_pretrained run on the config
+    except Exception as error:
+        raise StructPruneError(f"transformers refuses the pruned config ({str(error).strip().splitlines()[-1][:200]}), "
+                               f"so the folder could not be saved or loaded; nothing was written. With hidden=True the "
+                               f"head count must divide the pruned hidden size: pass hidden=False, or another "
+                               f"ratio or target") from error
     rebuilt = build_skeleton(surgery.target.config, torch.float32)
     expected = {key: tuple(t.shape) for key, t in rebuilt.state_dict(keep_vars=True).items()}
     unknown = sorted(key for key in surgery.output_keys if key not in expected)
@@ -209,8 +219,11 @@ def prune_pretrained(source: "str | Path", destination: "str | Path", ratio: flo
         progress: a progress bar per stage.
         **options: the options of :func:`slim` (``target``, ``criterion``, ``hidden``, ``uniform_blocks``,
             ``compensate``, ``verify``, ``ignore``, ``ratios``, ``round_to``, ``scope``, ...), with the same
-            meaning and defaults; with the same options on a model that fits, the pruned weights are the
-            ones ``slim`` gives. ``verify`` checks each pruned layer against the original layer with the removed
+            meaning and defaults but two: ``criterion="flap"`` (so ``data`` is needed) and ``hidden=False`` (the
+            residual width is kept: pruning it costs far more quality, and the head count must then divide a
+            pruned hidden size, which LLaMA's config checks). With the same options on a model that fits, the
+            pruned weights are the ones ``slim`` gives.
+            ``verify`` checks each pruned layer against the original layer with the removed
             channels zeroed, on the hidden states of the first batch. Unless ``compensate`` is given, bias
             compensation skips the layers whose bias the saved config cannot describe (Qwen2's and Mistral's
             projections have no bias flag), so that the folder always loads; ``compensate=True`` refuses such a
@@ -229,6 +242,12 @@ def prune_pretrained(source: "str | Path", destination: "str | Path", ratio: flo
         if name in options:
             raise InvalidOptionError(f"prune_pretrained() does not take {name}=: the model is pruned from its "
                                      f"checkpoint into a new folder, layer by layer")
+    # defaults for language models (the other options default as in slim): activation-aware scores, and the
+    # residual width kept, which loses far less and keeps the config reloadable (docs/llm.md measures both)
+    options = {**LLM_DEFAULTS, **options}
+    if data is None and options["criterion"] in ("flap", "wanda"):
+        raise InvalidOptionError(f"criterion={options['criterion']!r} scores channels by their activations: pass "
+                                 f"calibration batches of token ids, data=[ids, ...], or criterion='l2' (weights only)")
     parsed = Options.parse({"ratio": ratio, **options}, caller="prune_pretrained")
     source, destination = Path(source), Path(destination)
     if destination.exists():
@@ -257,7 +276,7 @@ def prune_pretrained(source: "str | Path", destination: "str | Path", ratio: flo
         seconds["plan"] = time.perf_counter() - clock
         clock = time.perf_counter()
         dropped = plan.element_mask(session.graph)
-        surgery = LayerSurgery(session.graph, dropped, session.compensation(), materializer, session.graph.notes)
+        surgery = LayerSurgery(session.graph, dropped, session.compensation(dropped), materializer, session.graph.notes)
         _refuse_changed_block_inputs(skeleton, surgery, loop)
         _check_describable(surgery)
         first = loop.capture(batches=1) if parsed.prune.verify else HiddenStates(0)

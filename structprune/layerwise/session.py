@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,7 +27,7 @@ from ..scoring.activations import InputStatistics
 from ..surgery.compensation import Compensation, config_can_hold_bias
 from .skeleton import Materializer
 
-CACHE_BYTES = 2 ** 30
+CACHE_BYTES = 256 * 2 ** 20  # a group reads each of its tensors once; the cache only spares re-reads nearby
 logger = logging.getLogger("structprune")
 
 
@@ -86,6 +87,12 @@ class StreamedScoringContext(ScoringContext):
                                  "aware) or a weight criterion ('l2', 'l1', 'fpgm'), or load the model and call slim")
 
 
+def _class_and_child(model: nn.Module, path: str) -> str:
+    """``LlamaMLP.down_proj`` for ``model.layers.0.mlp.down_proj``: how a layer reads in a message."""
+    parent, _, child = path.rpartition(".")
+    return f"{type(model.get_submodule(parent)).__name__}.{child}"
+
+
 class StreamedSession(PruningSession):
     """A pruning session over a ``meta`` skeleton whose weights ``materializer`` reads, with the calibration
     ``statistics`` collected layer by layer; ``device``/``dtype``: where and in what the pruned model will
@@ -113,21 +120,23 @@ class StreamedSession(PruningSession):
         return StreamedScoringContext(self.model, self.graph, data=None, reduction=score.reduction, seed=score.seed,
                                       materializer=self.materializer, statistics=self.statistics)
 
-    def compensation(self) -> Optional[Compensation]:
+    def compensation(self, dropped: Optional[np.ndarray] = None) -> Optional[Compensation]:
         """The calibration means of the removed inputs (None: ``compensate=False`` or no calibration data; the
-        constant-channel search of in-memory pruning needs the whole model run)."""
+        constant-channel search of in-memory pruning needs the whole model run). With ``reloadable_only``, only
+        for the layers whose bias the saved config can describe; ``dropped`` (the plan's element mask) names
+        the layers left out in a note and a warning."""
         if not self.options.prune.compensate or not self.statistics:
             return None
         full = Compensation.from_statistics(self.graph, self.statistics)
         if not self.reloadable_only:
             return full
         keep = [name for name in full.means if all(config_can_hold_bias(self.model, p) for p in full.owners[name])]
-        skipped = sorted({type(self.model.get_submodule(path)).__name__ + " " + path.rpartition(".")[2]
-                          for name in full.means if name not in keep for path in full.owners[name]})
+        losing = set(full.constants(self.graph, dropped)) if dropped is not None else set()
+        skipped = sorted({_class_and_child(self.model, path) for name in losing - set(keep)
+                          for path in full.owners[name]})
         if skipped:
-            note = (f"bias compensation skipped the layers whose config has no bias flag ({', '.join(skipped[:4])}"
-                    f"{', ...' if len(skipped) > 4 else ''}): from_pretrained could not rebuild their biases. Pass "
-                    f"compensate=True to be refused instead")
+            note = (f"bias compensation skipped the layers whose config has no bias flag ({', '.join(skipped)}): "
+                    f"from_pretrained could not rebuild their biases. Pass compensate=True to be refused instead")
             if note not in self.graph.notes:
                 self.graph.notes.append(note)
                 logger.warning(note)

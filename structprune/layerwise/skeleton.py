@@ -12,6 +12,7 @@ tied weights, the dependency graph's canonical names) survive any number of roun
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Tuple
 
@@ -76,6 +77,16 @@ def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+def return_freed_memory() -> None:
+    """Hand memory freed by released tensors back to the operating system. glibc keeps freed blocks of up to
+    32 MB in its heap for reuse (its mmap threshold grows after large frees), so a process that loads and
+    frees one layer after another would otherwise keep the high-water mark of every layer size it has seen."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to do
+        pass
+
+
 class Materializer:
     """Real values for named tensors of ``model`` (canonical names, as the dependency graph uses), read
     from ``checkpoint`` and swapped into every slot that holds the same tensor (tied weights stay tied)."""
@@ -135,6 +146,7 @@ class Materializer:
             tensor = self.live.pop(name, None)
             if tensor is not None:
                 self._swap(tensor, self.originals[name])
+        return_freed_memory()
 
     def _swap(self, old: torch.Tensor, new: torch.Tensor) -> None:
         holders = self.slots.pop(id(old), [])

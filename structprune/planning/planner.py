@@ -23,10 +23,11 @@ lets :func:`~structprune.planning.search.search_target` bisect on the ratio to h
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -76,13 +77,14 @@ class Planner:
                  ignore: Sequence[Any] = ()):
         self.dg = dg
         self.context = context
-        self.scores: Dict[int, np.ndarray] = {}
-        for group in dg.prunable_groups:
-            self.scores[group.id] = checked_scores(criterion, group, criterion(group, context))
+        # scored on first use: a group no plan can touch (the residual stream with hidden=False) is never read,
+        # which on a large model spares reading its embeddings and every weight of the stream
+        self.scores: Mapping[int, np.ndarray] = GroupScores(dg, criterion, context)
         self.modules = all_modules(dg.model)  # every path, so that a rule naming a parent covers its children
         self.layers = self._layers(ignore)
         self.device, self.dtype = model_device_dtype(dg.model)
         self.excluded: set = set()  # group ids kept whole whatever the options (see exclude)
+        self._accepted_heads: Dict[int, bool] = {}  # query-head count -> does the model's config accept it
 
     def exclude(self, group_ids) -> None:
         """Keep these groups whole in every later plan (e.g. a dry run showed they cannot shrink)."""
@@ -288,15 +290,48 @@ class Planner:
             return 1
         return heads if layer.width * layer.channels_per_unit == hidden else 1
 
+    def _head_count_the_config_accepts(self, layer: _Layer, keep: int, options: PlanOptions) -> int:
+        """``keep`` units of an attention layer, or the nearest count whose number of query heads the model's
+        config accepts: LLaMA's config (and others built on it) refuses, on save and on load, a hidden size
+        that is not a multiple of ``num_attention_heads``, so 28 of Llama-3-8B's 32 heads cannot be saved.
+        Checked against the original hidden size, so only when the plan keeps it (``hidden=False``)."""
+        if options.hidden:
+            return keep
+        model = self.dg.model
+        config = getattr(model, "config", None) if callable(getattr(model, "save_pretrained", None)) else None
+        heads = getattr(config, "num_attention_heads", None)
+        validate = getattr(config, "validate", None)
+        if not isinstance(heads, int) or heads < 1 or not callable(validate):
+            return keep
+        head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
+        if not head_dim or layer.channels_per_unit % head_dim or layer.width * layer.channels_per_unit != heads * \
+                head_dim:
+            return keep  # not the query projection of the heads the config counts
+        per_unit = layer.channels_per_unit // head_dim
+        by_distance = sorted(range(1, layer.width + 1), key=lambda k: (abs(k - keep), -k))
+        return next((k for k in by_distance if self._config_accepts_heads(config, k * per_unit)), layer.width)
+
+    def _config_accepts_heads(self, config: Any, heads: int) -> bool:
+        if heads not in self._accepted_heads:
+            trial = copy.copy(config)
+            trial.num_attention_heads = heads
+            try:
+                trial.validate()
+                self._accepted_heads[heads] = True
+            except Exception:  # transformers raises its own validation errors (and ValueError) for a refused config
+                self._accepted_heads[heads] = False
+        return self._accepted_heads[heads]
+
     def _rounded(self, layer: _Layer, drop: np.ndarray, options: PlanOptions) -> np.ndarray:
         """Adjust ``drop`` so the layer keeps a multiple of ``round_to`` *channels* (nearest, at least one
         multiple)."""
         step = self.step_of(layer, options)
-        if step == 1:
-            return drop
         keep = layer.width - len(drop)
         # nearest multiple of step, never zero: rounding may keep a little more or drop a little more
-        target = max(step, int(round(keep / step)) * step)
+        target = keep if step == 1 else max(step, int(round(keep / step)) * step)
+        target = self._head_count_the_config_accepts(layer, target, options)
+        if target == keep:
+            return drop
         n_drop = min(max(layer.width - target, 0), len(layer.units), layer.width - 1)
         return self._lowest(layer, n_drop) if n_drop != len(drop) else drop
 
@@ -307,6 +342,27 @@ def _units(channels: int, layer: _Layer) -> int:
 
 
 _BLOCK_NUMBER = re.compile(r"\.\d+\.")  # a module path's block number: "layers.3." in "model.layers.3.mlp"
+
+
+class GroupScores(Mapping):
+    """Group id -> the criterion's scores of every prunable group, each computed when first read."""
+
+    def __init__(self, dg: DependencyGraph, criterion: Criterion, context: ScoringContext):
+        self._groups = {group.id: group for group in dg.prunable_groups}
+        self._criterion, self._context = criterion, context
+        self._scores: Dict[int, np.ndarray] = {}
+
+    def __getitem__(self, gid: int) -> np.ndarray:
+        if gid not in self._scores:
+            group = self._groups[gid]
+            self._scores[gid] = checked_scores(self._criterion, group, self._criterion(group, self._context))
+        return self._scores[gid]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._groups)
+
+    def __len__(self) -> int:
+        return len(self._groups)
 
 
 def _keep_every_space_alive(group: Group, drop: np.ndarray, scores: np.ndarray) -> np.ndarray:
