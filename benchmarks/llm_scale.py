@@ -82,7 +82,11 @@ def io_bytes() -> dict:
 
 
 def child_streamed(src: Path, out: Path, device: str) -> dict:
+    import transformers  # noqa: F401  (imported before the baseline is read: every run pays for it)
+
     import structprune as sp
+    from structprune.layerwise import pretrained  # noqa: F401
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     vocab = json.loads((src / "config.json").read_text())["vocab_size"]
     start, io0 = time.perf_counter(), io_bytes()
     report = sp.prune_pretrained(src, out, data=calibration(vocab), device=device, progress=False, **OPTIONS)
@@ -94,7 +98,8 @@ def child_streamed(src: Path, out: Path, device: str) -> dict:
               "worst_block_error": max((b.max_relative_error for b in report.blocks), default=0.0),
               "checkpoint_bytes_read": report.bytes_read, "bytes_written": report.bytes_written,
               "disk_read_bytes": io1["read_bytes"] - io0["read_bytes"],
-              "disk_write_bytes": io1["write_bytes"] - io0["write_bytes"]}
+              "disk_write_bytes": io1["write_bytes"] - io0["write_bytes"],
+              "rss_after_imports_gib": round(baseline, 2)}
     if device.startswith("cuda"):
         result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     return result
@@ -172,8 +177,15 @@ def main() -> None:
         record = {"config": SIZES[size], "checkpoint_gib": round(sum(
             p.stat().st_size for p in src.glob("*.safetensors")) / 2 ** 30, 2)}
         record["streamed"] = run_child("streamed", str(src), str(out), args.device)
-        blocks = SIZES[size]["num_hidden_layers"]
-        record["streamed"]["peak_rss_per_layer_gib"] = round(record["streamed"]["peak_rss_gib"] / blocks, 3)
+        from structprune.layerwise.checkpoint import Checkpoint
+        stored = Checkpoint(src)
+        layer = sum(stored.nbytes(k) for k in stored.keys() if k.startswith("model.layers.0.")) / 2 ** 30
+        streamed = record["streamed"]
+        # what "grows with the largest layer, not with depth" means: peak memory in units of one decoder layer
+        streamed["decoder_layer_gib"] = round(layer, 3)
+        streamed["peak_rss_in_layers"] = round(streamed["peak_rss_gib"] / layer, 1)
+        streamed["peak_above_imports_in_layers"] = round(
+            (streamed["peak_rss_gib"] - streamed["rss_after_imports_gib"]) / layer, 1)
         print(size, "streamed", record["streamed"], flush=True)
         record["check"] = run_child("check", str(out), "1" if size in args.generate.split(",") else "0")
         print(size, "check", record["check"], flush=True)

@@ -132,6 +132,13 @@ def test_bad_folders_are_refused_with_a_clear_error(tmp_path):
     with pytest.raises(LoadError, match="config .* cannot be read by transformers"):
         sp.prune_pretrained(refused, tmp_path / "out", data=data, progress=False)
 
+    mismatched = tmp_path / "mismatched"  # weights of another size than the config says
+    mismatched.mkdir()
+    (mismatched / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))
+    (mismatched / "model.safetensors").write_bytes(payload)
+    with pytest.raises(LoadError, match="config and weights do not belong together"):
+        sp.prune_pretrained(mismatched, tmp_path / "out", data=data, progress=False)
+
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(InvalidOptionError, match="already exists"):

@@ -258,7 +258,7 @@ def prune_pretrained(source: "str | Path", destination: "str | Path", ratio: flo
     config = load_config(source)
     dtype = checkpoint_dtype(config, checkpoint)
     skeleton = build_skeleton(config, dtype)
-    materializer = Materializer(skeleton, checkpoint)
+    materializer = Materializer(skeleton, checkpoint, device)
     materializer.check_shapes()
     writer = ShardWriter(destination, max_shard_bytes)  # refuses an unwritable destination before any work
     batches = list(data) if data is not None else [torch.randint(0, int(config.vocab_size), (1, 32),

@@ -89,10 +89,11 @@ def return_freed_memory() -> None:
 
 class Materializer:
     """Real values for named tensors of ``model`` (canonical names, as the dependency graph uses), read
-    from ``checkpoint`` and swapped into every slot that holds the same tensor (tied weights stay tied)."""
+    from ``checkpoint`` onto ``device`` and swapped into every slot that holds the same tensor (tied weights
+    stay tied)."""
 
-    def __init__(self, model: nn.Module, checkpoint: Checkpoint):
-        self.model, self.checkpoint = model, checkpoint
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, device: "str | torch.device" = "cpu"):
+        self.model, self.checkpoint, self.device = model, checkpoint, torch.device(device)
         tensors = named_tensors(model)
         canonical = canonical_names(tensors)
         self.canonical: Dict[str, str] = {name: canonical[id(t)] for name, t in tensors.items()}
@@ -135,7 +136,7 @@ class Materializer:
         values = self.checkpoint.read([self.stored[n] for n in wanted])
         for name in wanted:
             original = self.originals[name]
-            value = values[self.stored[name]]
+            value = values[self.stored[name]].to(self.device)
             tensor = nn.Parameter(value, requires_grad=False) if isinstance(original, nn.Parameter) else value
             self._swap(original, tensor)
             self.live[name] = tensor

@@ -23,7 +23,6 @@ lets :func:`~structprune.planning.search.search_target` bisect on the ratio to h
 """
 from __future__ import annotations
 
-import copy
 import math
 import re
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from ..graph.dependency_graph import DependencyGraph, Group
 from ..ops.registry import input_axis
 from ..options import PlanOptions
 from ..scoring import Criterion, ScoringContext, normalize
+from .config_limits import HeadCounts
 from .hardware import alignment, model_device_dtype
 from .patterns import all_modules, covers, ratio_for
 
@@ -84,7 +84,7 @@ class Planner:
         self.layers = self._layers(ignore)
         self.device, self.dtype = model_device_dtype(dg.model)
         self.excluded: set = set()  # group ids kept whole whatever the options (see exclude)
-        self._accepted_heads: Dict[int, bool] = {}  # query-head count -> does the model's config accept it
+        self._head_counts = HeadCounts(dg.model)
 
     def exclude(self, group_ids) -> None:
         """Keep these groups whole in every later plan (e.g. a dry run showed they cannot shrink)."""
@@ -291,36 +291,9 @@ class Planner:
         return heads if layer.width * layer.channels_per_unit == hidden else 1
 
     def _head_count_the_config_accepts(self, layer: _Layer, keep: int, options: PlanOptions) -> int:
-        """``keep`` units of an attention layer, or the nearest count whose number of query heads the model's
-        config accepts: LLaMA's config (and others built on it) refuses, on save and on load, a hidden size
-        that is not a multiple of ``num_attention_heads``, so 28 of Llama-3-8B's 32 heads cannot be saved.
-        Checked against the original hidden size, so only when the plan keeps it (``hidden=False``)."""
-        if options.hidden:
-            return keep
-        model = self.dg.model
-        config = getattr(model, "config", None) if callable(getattr(model, "save_pretrained", None)) else None
-        heads = getattr(config, "num_attention_heads", None)
-        validate = getattr(config, "validate", None)
-        if not isinstance(heads, int) or heads < 1 or not callable(validate):
-            return keep
-        head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
-        if not head_dim or layer.channels_per_unit % head_dim or layer.width * layer.channels_per_unit != heads * \
-                head_dim:
-            return keep  # not the query projection of the heads the config counts
-        per_unit = layer.channels_per_unit // head_dim
-        by_distance = sorted(range(1, layer.width + 1), key=lambda k: (abs(k - keep), -k))
-        return next((k for k in by_distance if self._config_accepts_heads(config, k * per_unit)), layer.width)
-
-    def _config_accepts_heads(self, config: Any, heads: int) -> bool:
-        if heads not in self._accepted_heads:
-            trial = copy.copy(config)
-            trial.num_attention_heads = heads
-            try:
-                trial.validate()
-                self._accepted_heads[heads] = True
-            except Exception:  # transformers raises its own validation errors (and ValueError) for a refused config
-                self._accepted_heads[heads] = False
-        return self._accepted_heads[heads]
+        """``keep`` units, or the nearest count of query heads the model's config accepts (with ``hidden=False``,
+        see :class:`~structprune.planning.config_limits.HeadCounts`)."""
+        return keep if options.hidden else self._head_counts.nearest(layer.width, layer.channels_per_unit, keep)
 
     def _rounded(self, layer: _Layer, drop: np.ndarray, options: PlanOptions) -> np.ndarray:
         """Adjust ``drop`` so the layer keeps a multiple of ``round_to`` *channels* (nearest, at least one
