@@ -246,3 +246,44 @@ def test_real_smollm2_goes_through_the_streamed_path_as_it_goes_through_slim(tmp
     with torch.no_grad():
         cached = reloaded.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
         assert torch.equal(cached, reloaded.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False))
+
+
+# every decoder family the in-memory tests build (tests/test_transformers.py), through the streamed path
+STREAMED_FAMILIES = ["phi", "qwen3", "gemma3", "phi3", "gpt_neox", "granite", "cohere", "olmo2", "starcoder2", "glm4",
+                     "smollm3"]
+# configs that cannot describe the plan: the head size derived from hidden / heads (OPT, GPT-2, StableLM), a
+# feed-forward width fixed at 4 x hidden (BLOOM); the in-memory result of these reloads only with sp.load
+REFUSED_FAMILIES = ["opt", "gpt2", "stablelm", "bloom"]
+
+
+def _family(name):
+    import transformers
+    from test_transformers import HF_MODELS, MORE_MODELS
+
+    torch.manual_seed(0)
+    build = MORE_MODELS[name] if name in MORE_MODELS else HF_MODELS[name][0]
+    return build(transformers).eval()
+
+
+@pytest.mark.parametrize("name", STREAMED_FAMILIES)
+def test_more_decoder_families_stream_to_the_weights_slim_gives(name, tmp_path):
+    model = _family(name)
+    model.save_pretrained(tmp_path / "src")  # GPT-NeoX stores its head as embed_out: read and written as such
+    batches = [torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
+    options = dict(ratio=0.3, criterion="flap", hidden=False, compensate=False)
+    report = sp.prune_pretrained(tmp_path / "src", tmp_path / "out", data=batches, progress=False, **options)
+    small = sp.slim(model, batches[0], data=batches, **options)
+    assert report.params_after < report.params_before and all(b.passed and b.exact for b in report.blocks)
+    reloaded = assert_same_weights(tmp_path / "out", small)
+    with torch.no_grad():
+        assert torch.equal(reloaded(batches[1]).logits, small(batches[1]).logits)
+
+
+@pytest.mark.parametrize("name", REFUSED_FAMILIES)
+def test_plans_a_config_cannot_describe_are_refused_before_writing(name, tmp_path):
+    _family(name).save_pretrained(tmp_path / "src")
+    batches = [torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(StructPruneError, match="nothing was written"):
+        sp.prune_pretrained(tmp_path / "src", tmp_path / "out", data=batches, progress=False, ratio=0.3,
+                            compensate=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

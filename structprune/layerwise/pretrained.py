@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
-from ..errors import InvalidOptionError, StructPruneError, VerificationError
+from ..errors import InvalidOptionError, LoadError, StructPruneError, VerificationError
 from ..options import Options
 from ..planning.planner import Plan
 from ..scoring.activations import InputStatistics, watch_inputs, weighted_layers
@@ -117,6 +117,7 @@ def _prune_blocks(loop: LayerLoop, surgery: LayerSurgery, writer: ShardWriter, f
                   verify: bool, exact: bool, progress: bool) -> List[VerificationResult]:
     """Prune every block (and verify it on the first batch's hidden states), writing its tensors."""
     materializer, verdicts, states = surgery.materializer, [], first
+    keep = hidden_keep(surgery)
     bar = progress_bar(len(loop.blocks), "pruning layers") if progress else None
     for index, prefix in enumerate(loop.block_prefixes):
         block = loop.blocks[index]
@@ -124,11 +125,10 @@ def _prune_blocks(loop: LayerLoop, surgery: LayerSurgery, writer: ShardWriter, f
             keys = surgery.keys_under(prefix)
             values, twin = surgery.pruned_tensors(keys)
             for key in keys:
-                writer.add(key, values[key])
+                writer.add(materializer.keys.saved(key), values[key])
             surgery.mark_written(keys)
             if verify:
                 hidden = states[0]
-                keep = hidden_keep(block, prefix, surgery, hidden.shape[-1])
                 states = loop.run_block(index, states, only=0)  # the dense output: the next block's input
                 pruned_block = twin.get_submodule(prefix)
                 with zeroed_reference(block, prefix, surgery) as reference:
@@ -154,12 +154,12 @@ def _prune_outside(loop: LayerLoop, surgery: LayerSurgery, writer: ShardWriter) 
             stored = materializer.stored[name]
             value = materializer.checkpoint.read([stored])[stored]
             for key in keys:
-                writer.add(key, value)
+                writer.add(materializer.keys.saved(key), value)
         else:
             with materializer.loaded([name]):
                 values, _ = surgery.pruned_tensors(keys)
                 for key in keys:
-                    writer.add(key, values[key])
+                    writer.add(materializer.keys.saved(key), values[key])
         surgery.mark_written(keys)
 
 
@@ -172,10 +172,16 @@ def _check_describable(surgery: LayerSurgery) -> None:
             validate()  # what save_pretrained and from_pretrained run on the config
     except Exception as error:
         raise StructPruneError(f"transformers refuses the pruned config ({str(error).strip().splitlines()[-1][:200]}), "
-                               f"so the folder could not be saved or loaded; nothing was written. With hidden=True the "
-                               f"head count must divide the pruned hidden size: pass hidden=False, or another "
-                               f"ratio or target") from error
-    rebuilt = build_skeleton(surgery.target.config, torch.float32)
+                               f"so the folder could not be saved or loaded; nothing was written. Keep the attention "
+                               f"heads (ratios={{'*attn*': 0}}), pass hidden=False if the hidden width was pruned, or "
+                               f"another ratio or target") from error
+    try:
+        rebuilt = build_skeleton(surgery.target.config, torch.float32)
+    except LoadError as error:
+        raise StructPruneError(
+            f"the pruned model's config is refused by its model class ({error}); nothing was written. Its config "
+            f"derives the head size from the hidden size: keep the attention heads (ratios={{'*attn*': 0}} or the "
+            f"attention modules' names), or load the model, prune it with slim and save it with sp.save") from error
     expected = {key: tuple(t.shape) for key, t in rebuilt.state_dict(keep_vars=True).items()}
     unknown = sorted(key for key in surgery.output_keys if key not in expected)
     if unknown:

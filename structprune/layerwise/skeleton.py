@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import LoadError
 from ..graph.dependency_graph import canonical_names, named_tensors
 from .checkpoint import Checkpoint
+from .key_names import KeyNames
 
 
 @contextlib.contextmanager
@@ -107,9 +108,10 @@ class Materializer:
                     if held is not None:
                         self.slots.setdefault(id(held), []).append((slots, attr))
         self.originals: Dict[str, torch.Tensor] = {canonical[id(t)]: t for t in tensors.values()}
+        self.keys = KeyNames(model, checkpoint)
         self.stored: Dict[str, str] = {}  # canonical name -> its key in the checkpoint
         for name, names in self.aliases.items():
-            key = next((n for n in names if n in checkpoint), None)
+            key = next((self.keys.stored[n] for n in names if n in self.keys.stored), None)
             if key is not None:
                 self.stored[name] = key
             elif self.originals[name].is_meta:

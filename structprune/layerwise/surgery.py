@@ -37,7 +37,7 @@ class LayerSurgery:
         target_state = self.target.state_dict(keep_vars=True)
         # what the folder will hold: the checkpoint's keys as pruned, and the tensors pruning added (biases)
         self.output_keys = {key: tuple(t.shape) for key, t in target_state.items()
-                            if key in materializer.checkpoint or key not in source_keys}
+                            if key in materializer.keys.stored or key not in source_keys}
         self.new_keys = {key for key in self.output_keys if key not in source_keys}
         self.changed = self._changed_tensors()
         self.written: Set[str] = set()
@@ -129,17 +129,20 @@ def zeroed_reference(block: nn.Module, prefix: str, surgery: LayerSurgery) -> It
             setattr(layer, "bias", bias)
 
 
-def hidden_keep(block: nn.Module, prefix: str, surgery: LayerSurgery, width: int) -> Optional[torch.Tensor]:
-    """Indices of the hidden channels the pruned blocks keep (None: all): read from the block's first
-    one-dimensional tensor of the hidden width that a channel space covers (its input norm's scale)."""
-    for name, tensor in block.named_parameters():
-        full = surgery.canonical.get(f"{prefix}.{name}")
-        if tensor.dim() != 1 or tensor.shape[0] != width or full is None:
-            continue
-        for space in surgery.graph.spaces:
-            if space.tensor == full and space.dim == 0:
-                gone = space.of(surgery.dropped)
-                return torch.as_tensor(np.flatnonzero(~gone)) if gone.any() else None
+def hidden_keep(surgery: LayerSurgery) -> Optional[torch.Tensor]:
+    """Indices of the hidden (residual-stream) channels the pruned model keeps, None when it keeps them all:
+    the channels of its input embeddings, which every block reads and writes."""
+    getter = getattr(surgery.model, "get_input_embeddings", None)
+    try:
+        embeddings = getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        embeddings = None
+    weight = getattr(embeddings, "weight", None)
+    name = next((n for n, p in surgery.model.named_parameters() if p is weight), None) if weight is not None else None
+    for space in surgery.graph.spaces:
+        if name is not None and space.tensor == surgery.canonical.get(name) and space.dim == 1:
+            gone = space.of(surgery.dropped)
+            return torch.as_tensor(np.flatnonzero(~gone)) if gone.any() else None
     return None
 
 

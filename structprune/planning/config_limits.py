@@ -31,10 +31,13 @@ class HeadCounts:
         """For a layer of ``width`` units of ``channels_per_unit`` channels each: ``keep``, or the nearest count of
         units whose query heads the config accepts (ties keep more). Other layers than the query projection the
         config's head count describes are returned ``keep`` as they are."""
-        if not self.head_dim or channels_per_unit % self.head_dim or width * channels_per_unit != \
-                self.heads * self.head_dim:
+        if not self.head_dim or channels_per_unit % self.head_dim:
             return keep
-        per_unit = channels_per_unit // self.head_dim
+        slices = channels_per_unit // self.head_dim  # head-sized slices per unit
+        fused = width * slices // self.heads  # 1: a query projection; 3: query, key and value in one (GPT-NeoX)
+        if not fused or width * slices != fused * self.heads or slices % fused:
+            return keep  # not the projection of the heads the config counts
+        per_unit = slices // fused
         by_distance = sorted(range(1, width + 1), key=lambda k: (abs(k - keep), -k))
         return next((k for k in by_distance if self.accepts(k * per_unit)), width)
 
