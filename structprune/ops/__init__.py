@@ -22,6 +22,7 @@ from . import (  # noqa: F401
                recurrent,
                reduction,
                reshape,
+               routing,
                spatial,
                transformer_layers,
 )

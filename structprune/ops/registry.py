@@ -21,7 +21,8 @@ Targets are
   imported: used for fx ``call_module`` nodes and for the modules of a model;
 * a Python callable (``torch.flatten``, ``F.relu``, ``operator.add``): fx ``call_function``;
 * a method name string (``".view"``): fx ``call_method``; a trailing ``_`` (in-place) is ignored;
-* an ATen name string (``"aten.conv2d"``): torch.export ``call_function`` nodes;
+* an ATen name string (``"aten.conv2d"``), or ``"namespace::name"`` for an operator a library defines
+  with ``torch.library`` (``"transformers::grouped_mm_fallback"``): torch.export ``call_function`` nodes;
 * ``"namedtuple"``: building a named-tuple output container.
 
 A new layer type is one new spec, never an edit to the core. Facts about a module class are
@@ -65,7 +66,7 @@ FIELDS = ("rule", "shape", "update", "width", "input_axes", "weighted", "traced_
 # facts that only hold while a subclass keeps the registered class's forward
 _FORWARD_BOUND = ("rule", "shape", "traced_forward")
 STRICT_ENV = "STRUCTPRUNE_STRICT_RULES"
-TARGET_KINDS = ("module", "function", "method", "aten", "container")
+TARGET_KINDS = ("module", "function", "method", "aten", "operator", "container")
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class OpSpec:
 
     @property
     def kind(self) -> str:
-        """``"module"``, ``"function"``, ``"method"``, ``"aten"`` or ``"container"``."""
+        """``"module"``, ``"function"``, ``"method"``, ``"aten"``, ``"operator"`` or ``"container"``."""
         return target_kind(self.target)
 
     @property
@@ -110,12 +111,15 @@ _LOADED: List[Dict[Target, OpSpec]] = []  # the specs each deferred module regis
 
 # ---- targets ----------------------------------------------------------------------------------------------
 def target_kind(target: Target) -> str:
-    """``"module"``, ``"function"``, ``"method"``, ``"aten"`` or ``"container"`` (see the module docstring)."""
+    """``"module"``, ``"function"``, ``"method"``, ``"aten"``, ``"operator"`` (a library's ``"namespace::name"``)
+    or ``"container"`` (see the module docstring)."""
     if isinstance(target, type) and issubclass(target, nn.Module):
         return "module"
     if isinstance(target, str):
         if target.startswith("aten."):
             return "aten"
+        if "::" in target:
+            return "operator"
         if target.startswith("."):
             return "method"
         return "container" if target == "namedtuple" else "module"
@@ -152,6 +156,8 @@ def _checked(target: Target) -> Target:
         if target.startswith("aten.") and not _aten_exists(target[5:]):
             raise InvalidOptionError(f"{target!r} names no ATen operator (torch.ops.aten has no {target[5:]!r}); "
                                      f"use a name from torch.ops.aten, or register the Python callable instead")
+        if "::" in target:
+            return target  # a library's operator: it exists once the library registers it, maybe later than this
         if not (target.startswith(".") or target == "namedtuple" or "." in target.strip(".")):
             raise InvalidOptionError(f"target {target!r} is not '.method', 'aten.op' or 'module.ClassName'")
         return target
@@ -246,7 +252,7 @@ def override(*targets: Target, **facts: Any) -> Iterator[None]:
 
 def list_ops(kind: Optional[str] = None) -> List[OpSpec]:
     """Every registered spec (of one ``kind``: ``"module"``, ``"function"``, ``"method"``, ``"aten"``,
-    ``"container"``), sorted by kind and name."""
+    ``"operator"``, ``"container"``), sorted by kind and name."""
     if kind is not None and kind not in TARGET_KINDS:
         raise InvalidOptionError(f"kind must be one of {', '.join(map(repr, TARGET_KINDS))} or None; got {kind!r}")
     load_deferred_rules()
@@ -414,6 +420,8 @@ def lookup(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[Rule]:
         target = node.target
         if isinstance(target, torch._ops.OpOverload):
             name = target.overloadpacket.__name__
+            if target.namespace != "aten":  # a library's torch.library operator
+                return _rule_of(f"{target.namespace}::{name}")
             # ``aten.add.Tensor``: the packet name (add) is the key; an in-place ``add_`` falls back to ``add``'s rule
             return _rule_of("aten." + name) or _rule_of("aten." + _strip_inplace(name))
         if isinstance(target, torch._ops.OpOverloadPacket):

@@ -19,8 +19,8 @@ SIZE_ATTRIBUTES: Dict[str, set] = {
               "n_kv_heads", "multi_query_group_num", "nheads"},
     "head_dim": {"head_dim", "attention_head_size", "head_size", "d_head", "dim_head", "d_kv"},
     "attention_width": {"all_head_size", "split_size", "attn_dim", "inner_dim", "inner_size"},
-    "ffn": {"intermediate_size", "n_inner", "ffn_dim", "d_ff", "dim_feedforward", "mlp_dim", "hidden_dim",
-            "encoder_ffn_dim", "decoder_ffn_dim"},
+    "ffn": {"intermediate_size", "moe_intermediate_size", "n_inner", "ffn_dim", "d_ff", "dim_feedforward", "mlp_dim",
+            "hidden_dim", "encoder_ffn_dim", "decoder_ffn_dim"},
     "hidden": {"hidden_size", "n_embd", "d_model", "dim", "embed_dim", "word_embed_proj_dim", "hidden_dim"},
     # the whole width a module splits evenly, ``x.split(self.in_channels // self.num_paths)`` (timm's SelectiveKernel)
     "split_total": {"in_channels"},

@@ -79,6 +79,13 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
                     facts["ffn"].append((old_shape[out], new_shape[out]))
                 if old_shape[1 - out] != new_shape[1 - out]:
                     input_widths.append((old_shape[1 - out], new_shape[1 - out]))
+            elif len(old_shape) == 3:
+                # a mixture of experts' stacked weights, (experts, out, in) or (experts, in, out) when transposed:
+                # either matrix dim may be the experts' feed-forward width
+                for dim in (1, 2):
+                    if old_shape[dim] != new_shape[dim]:
+                        facts["ffn"].append((old_shape[dim], new_shape[dim]))
+                        input_widths.append((old_shape[dim], new_shape[dim]))
     embeddings = _input_embeddings(model)
     # the input embedding is the width ``hidden_size`` names: it overrides what other embeddings reported
     if isinstance(embeddings, nn.Embedding) and embeddings in old_shapes:
