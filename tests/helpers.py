@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import socket
 
 import torch
 from torch import nn
@@ -70,3 +71,10 @@ def tiny_llama(layers: int = 2, vocab: int = 100, **config):
     settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=vocab)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **config})).eval()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on, for a test's torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from torch import nn
 
 import structprune as sp
 from structprune.workflows.distill import kl_loss
-from tests.helpers import assert_unchanged, snapshot, tiny_llama
+from tests.helpers import assert_unchanged, free_port, snapshot, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -157,12 +156,6 @@ def test_epochs_time_budget_and_a_task_loss_from_targets():
     assert mixed.final_loss < mixed.losses[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, folder: str, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -180,7 +173,7 @@ def _worker(rank: int, world: int, port: int, folder: str, results):
 def test_two_ddp_processes_train_one_student_and_rank_zero_writes_the_checkpoint(tmp_path):
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), results), nprocs=2, join=True)
     (params0, losses0), (params1, losses1) = results[0], results[1]
     for a, b in zip(params0, params1):
         torch.testing.assert_close(a, b)

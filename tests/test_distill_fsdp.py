@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import structprune as sp
-from tests.helpers import assert_unchanged, snapshot, tiny_llama
+from tests.helpers import assert_unchanged, free_port, snapshot, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
@@ -96,19 +95,13 @@ def _worker(rank: int, world: int, port: int, folder: str, results):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The two-process runs (one spawn for every test here) and one process on both ranks' batches."""
     folder = tmp_path_factory.mktemp("fsdp") / "checkpoint"
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(2, _free_port(), str(folder), results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(folder), results), nprocs=2, join=True)
     alone = _student()
     whole = sp.distill(alone, _teacher(), _whole_batches(), **OPTIONS)
     return {"ranks": [results[0], results[1]], "folder": folder, "alone": _weights(alone), "whole": whole}

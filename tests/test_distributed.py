@@ -1,8 +1,6 @@
 """Gradient criteria under torch.distributed: every rank prunes identically (2 CPU processes, gloo)."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,6 +8,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import structprune as sp
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 
@@ -41,16 +40,10 @@ def _worker(rank: int, world: int, port: int, results):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_taylor_scores_are_all_reduced_across_ranks():
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), results), nprocs=2, join=True)
     assert results[0] == results[1]
     model = _model()  # one process over every rank's batches reaches the same decision
     together = sp.slim(model, torch.randn(2, 6), 0.5, criterion="taylor", data=_batches(0) + _batches(1))

@@ -114,6 +114,7 @@ class LayerLoop:
         self._spill = tempfile.TemporaryDirectory(prefix="structprune-hidden-")
         self.calls: List[BlockCall] = []
         self.answers: Dict[str, List[Any]] = {}  # module path -> its output per batch, recorded by capture
+        self.first_input: Optional[torch.Tensor] = None  # batch 0's hidden states entering the first block
 
     def _to_device(self, batch: Any) -> Any:
         return torch.utils._pytree.tree_map(
@@ -129,19 +130,12 @@ class LayerLoop:
     @contextlib.contextmanager
     def _outside_blocks_on_call(self) -> Iterator[None]:
         """Modules outside the blocks get their weights when the forward first calls them; all are freed after."""
-        inside = set(self.block_prefixes)
         handles, loaded = [], []
-        for path, module in self.model.named_modules():
-            if any(path == p or path.startswith(p + ".") for p in inside):
-                continue
-            own = [self.materializer.canonical[f"{path}.{n}" if path else n]
-                   for n, t in list(module._parameters.items()) + list(module._buffers.items()) if t is not None]
-            own = [n for n in own if n in self.materializer.stored]
-            if own:
-                def load(_module: nn.Module, _args: Any, names: List[str] = own) -> None:
-                    self.materializer.load(names)
-                    loaded.extend(names)
-                handles.append(module.register_forward_pre_hook(load))
+        for path, own in self._stored_outside().items():
+            def load(_module: nn.Module, _args: Any, names: List[str] = own) -> None:
+                self.materializer.load(names)
+                loaded.extend(names)
+            handles.append(self.model.get_submodule(path).register_forward_pre_hook(load))
         try:
             yield
         finally:
@@ -168,7 +162,7 @@ class LayerLoop:
         handle = self.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
         # what the weighted modules before the first block answer (the embeddings' output), so that replaying the
         # head never loads them again
-        self.answers = {path: [] for path in self._weighted_outside()}
+        self.answers = {path: [] for path in self._stored_outside()}
         recorders = [self.model.get_submodule(path).register_forward_hook(
             lambda _m, _a, output, kept=kept: kept.append(output)) for path, kept in self.answers.items()]
         try:
@@ -184,19 +178,22 @@ class LayerLoop:
             for recorder in recorders:
                 recorder.remove()
         self.answers = {path: kept for path, kept in self.answers.items() if len(kept) == len(self.calls)}
+        self.first_input = states[0]
         return states
 
-    def _weighted_outside(self) -> List[str]:
-        """Paths of the modules outside the blocks that own stored tensors themselves."""
+    def _stored_outside(self) -> Dict[str, List[str]]:
+        """Module path -> canonical names of the stored tensors it owns itself, for the modules outside the blocks
+        that own any (embeddings, final norm, head)."""
         inside = tuple(f"{p}." for p in self.block_prefixes)
-        found = []
+        found = {}
         for path, module in self.model.named_modules():
             if path in self.block_prefixes or path.startswith(inside):
                 continue
-            own = [f"{path}.{n}" if path else n for n, t in list(module._parameters.items()) +
-                   list(module._buffers.items()) if t is not None]
-            if any(self.materializer.canonical[name] in self.materializer.stored for name in own):
-                found.append(path)
+            own = [self.materializer.canonical[f"{path}.{n}" if path else n]
+                   for n, t in list(module._parameters.items()) + list(module._buffers.items()) if t is not None]
+            own = [name for name in own if name in self.materializer.stored]
+            if own:
+                found[path] = own
         return found
 
     def run_block(self, index: int, states: HiddenStates, only: Optional[int] = None) -> HiddenStates:

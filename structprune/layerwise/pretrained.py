@@ -285,7 +285,12 @@ def prune_pretrained(source: "str | Path", destination: "str | Path", ratio: flo
         surgery = LayerSurgery(session.graph, dropped, session.compensation(dropped), materializer, session.graph.notes)
         _refuse_changed_block_inputs(skeleton, surgery, loop)
         _check_describable(surgery)
-        first = loop.capture(batches=1) if parsed.prune.verify else HiddenStates(0)
+        first = HiddenStates(0)
+        if parsed.prune.verify:
+            if loop.first_input is None:  # no calibration ran: capture the first batch alone
+                loop.capture(batches=1)
+            assert loop.first_input is not None
+            first[0] = loop.first_input
         with writer:
             verdicts = _prune_blocks(loop, surgery, writer, first, parsed.prune.verify,
                                      is_exact(session.graph, dropped), progress)

@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import InvalidOptionError
 from ..options import Options
 from ..pipeline import PruningSession
+from ..planning.patterns import check_rules_match
 from ..scoring import ScoringContext
 from ..scoring.activations import InputStatistics
 from ..surgery.compensation import Compensation, config_can_hold_bias
@@ -40,7 +41,6 @@ class CheckpointTensors(Mapping):
         self.materializer, self.cache_bytes = materializer, cache_bytes
         self._cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         self._bytes = 0
-        self.reads = 0
 
     def __getitem__(self, name: str) -> torch.Tensor:
         canonical = self.materializer.canonical[name]
@@ -52,7 +52,6 @@ class CheckpointTensors(Mapping):
             return self._cache[canonical]
         value = self.materializer.checkpoint.read([self.materializer.stored[canonical]])[
             self.materializer.stored[canonical]]
-        self.reads += 1
         tensor = nn.Parameter(value, requires_grad=False) if isinstance(original, nn.Parameter) else value
         self._cache[canonical] = tensor
         self._bytes += value.numel() * value.element_size()
@@ -109,7 +108,6 @@ class StreamedSession(PruningSession):
 
     def _check_before_tracing(self, example_input: Any) -> None:
         plan = self.options.plan
-        from ..planning.patterns import check_rules_match
         check_rules_match(self.model, plan.ignore, plan.ratios)  # the example is on meta: no samples to check
 
     def _check_materialised(self) -> None:

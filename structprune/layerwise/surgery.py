@@ -20,6 +20,7 @@ from torch import nn
 from ..graph.dependency_graph import DependencyGraph
 from ..surgery.compensation import Compensation
 from ..surgery.shrink import shrunk_copy
+from ..surgery.size_attributes import input_embeddings
 from .skeleton import Materializer
 
 
@@ -132,12 +133,7 @@ def zeroed_reference(block: nn.Module, prefix: str, surgery: LayerSurgery) -> It
 def hidden_keep(surgery: LayerSurgery) -> Optional[torch.Tensor]:
     """Indices of the hidden (residual-stream) channels the pruned model keeps, None when it keeps them all:
     the channels of its input embeddings, which every block reads and writes."""
-    getter = getattr(surgery.model, "get_input_embeddings", None)
-    try:
-        embeddings = getter() if callable(getter) else None
-    except (NotImplementedError, AttributeError):
-        embeddings = None
-    weight = getattr(embeddings, "weight", None)
+    weight = getattr(input_embeddings(surgery.model), "weight", None)
     name = next((n for n, p in surgery.model.named_parameters() if p is weight), None) if weight is not None else None
     for space in surgery.graph.spaces:
         if name is not None and space.tensor == surgery.canonical.get(name) and space.dim == 1:

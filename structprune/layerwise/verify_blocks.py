@@ -13,18 +13,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..precision import RTOL, computing_in, ieee_fp32
+from ..precision import RTOL, cast_floats, computing_in, ieee_fp32
 from ..verify import VerificationResult
 from .layer_loop import BlockCall
 
 
 def _run(block: nn.Module, call: BlockCall, hidden: torch.Tensor) -> torch.Tensor:
-    floats = call.__class__(
-        tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in call.args),
-        {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else
-             tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in v)
-             if isinstance(v, tuple) else v) for k, v in call.kwargs.items()},
-        call.positional)
+    floats = BlockCall(cast_floats(call.args, torch.float32), cast_floats(call.kwargs, torch.float32), call.positional)
     with torch.no_grad(), ieee_fp32(), computing_in(block, torch.float32):
         return floats.run(block, hidden.float())
 

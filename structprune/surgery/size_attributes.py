@@ -86,7 +86,7 @@ def refresh_size_attributes(model: nn.Module, splits: Iterable[HeadSplit], dropp
                     if old_shape[dim] != new_shape[dim]:
                         facts["ffn"].append((old_shape[dim], new_shape[dim]))
                         input_widths.append((old_shape[dim], new_shape[dim]))
-    embeddings = _input_embeddings(model)
+    embeddings = input_embeddings(model)
     # the input embedding is the width ``hidden_size`` names: it overrides what other embeddings reported
     if isinstance(embeddings, nn.Embedding) and embeddings in old_shapes:
         facts["hidden"] = [(old_shapes[embeddings]["weight"][1], embeddings.weight.shape[1])]
@@ -128,7 +128,7 @@ def _derived_buffer_note(model: nn.Module, old_shapes: Dict[nn.Module, Dict[str,
     return []
 
 
-def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
+def input_embeddings(model: nn.Module) -> Optional[nn.Module]:
     """The model's input embedding where it has one: Hugging Face vision models (ConvNeXt, ResNet,
     MobileNetV2) inherit ``get_input_embeddings`` and raise ``NotImplementedError`` from it."""
     getter = getattr(model, "get_input_embeddings", None)
